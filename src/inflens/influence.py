@@ -1,0 +1,300 @@
+"""Influence queries (Koh & Liang 2017, eqs. 1, 2 and 5) on top of an inverse-HVP solver.
+
+Conventions (those of the paper and its original code):
+
+- ``H = (1/n) sum_i Hess loss(z_i) + l2 I (+ damping I)`` at theta-hat.
+- The *training-side* gradient includes the regulariser's gradient,
+  ``g_i = grad loss(z_i) + l2 * theta`` (so that removing ``z_i`` and refitting the mean risk
+  over ``n - 1`` points with the same ``l2`` is predicted exactly to first order); the
+  *test-side* gradient is that of the measurement alone (the test loss by default).
+- ``I_up,loss(z_i, z_test) = -grad L(z_test)^T H^-1 g_i``. **Negative = helpful**: upweighting
+  ``z_i`` lowers the test loss. Removing ``z_i`` changes the test loss by about
+  ``-I_up,loss / n`` (:meth:`Influence.predicted_loss_change`): positive means removing the
+  point would hurt, i.e. it was helpful.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .curvature import Curvature
+from .data import Data, DataLike
+from .errors import InputError, NotFittedError
+from .objective import Objective
+from .solvers import Solver, make_solver
+
+Indices = torch.Tensor | Sequence[int] | None
+
+
+class Influence:
+    """Fits the curvature of a trained objective once, then answers influence queries.
+
+    Args:
+        objective: the trained model, loss, parameters and l2 (:class:`inflens.Objective`).
+        train: the training data: ``(X, y)`` tensors, a ``Dataset`` or a non-shuffling
+            ``DataLoader``. Row ``i`` of every score refers to training example ``i``.
+        solver: ``"exact"``, ``"cg"``, ``"lissa"`` or a solver object from
+            :mod:`inflens.solvers`.
+        damping: ``delta >= 0`` added to ``H`` in every solver (Sec. 4.2).
+        batch_size: examples per vectorised chunk (``None``: from a 128 MiB budget for the
+            ``[chunk, p]`` per-example gradients). Results do not depend on it.
+        progress: show progress bars on passes over the training set.
+        scoring: how training points are scored against ``k`` s_test vectors: ``"jvp"``
+            (forward-mode directional derivatives, no per-example gradients; best for few test
+            points), ``"grad"`` (per-example gradients and one matrix product per chunk) or
+            ``"auto"`` (``"jvp"`` for ``k <= 8``).
+
+    Example:
+        >>> inf = Influence(obj, (X, y), solver="exact").fit()
+        >>> scores = inf.loss_influence((X_test, y_test))   # [n_test, n_train]
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        train: DataLike,
+        solver: str | Solver = "exact",
+        damping: float = 0.0,
+        batch_size: int | None = None,
+        progress: bool = True,
+        scoring: str = "auto",
+    ) -> None:
+        if not isinstance(objective, Objective):
+            raise InputError(
+                f"objective must be an inflens.Objective, got {type(objective).__name__}"
+            )
+        if scoring not in ("auto", "jvp", "grad"):
+            raise InputError(f"scoring must be 'auto', 'jvp' or 'grad', got {scoring!r}")
+        if batch_size is not None and int(batch_size) < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size}")
+        if not (float(damping) >= 0.0):
+            raise InputError(f"damping must be a non-negative number, got {damping}")
+        self.objective = objective
+        self.train = Data(train, "training data")
+        self.solver = make_solver(solver)
+        self.damping = float(damping)
+        self.batch_size = batch_size
+        self.progress = progress
+        self.scoring = scoring
+        self.curvature_: Curvature | None = None
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self) -> Influence:
+        """Check the training data against the model and prepare the solver; returns self."""
+        obj = self.objective
+        curv = Curvature(obj, self.train, self.damping, self.batch_size, self.progress)
+        n_classes = None
+        for start, x, y in curv.chunks(desc="Checking data", check=True):
+            if start == 0:
+                obj.check_batch(x[:16], y[:16], "training data")
+                if obj.builtin_loss and obj.loss_name == "cross_entropy":
+                    with torch.no_grad():
+                        n_classes = obj.outputs(obj.theta, x[:1]).shape[1]
+            if obj.builtin_loss:
+                self._check_labels(y, n_classes, start)
+        self.solver.fit(curv)
+        self.curvature_ = curv
+        self.n_train_ = curv.n
+        return self
+
+    def _check_labels(self, y: torch.Tensor, n_classes: int | None, start: int) -> None:
+        name = self.objective.loss_name
+        if name == "cross_entropy" and n_classes is not None:
+            if y.is_floating_point():
+                raise InputError(
+                    "'cross_entropy' needs integer class labels; convert with y.long()"
+                )
+            bad = (y < 0) | (y >= n_classes)
+            if bad.any():
+                i = int(bad.nonzero()[0, 0])
+                raise InputError(
+                    f"training label {int(y[i])} of example {start + i} is outside "
+                    f"[0, {n_classes - 1}] for a model with {n_classes} outputs"
+                )
+        elif name in ("binary_logistic", "hinge", "smooth_hinge"):
+            ok = (y == 0) | (y == 1) | (y == -1)
+            if not ok.all():
+                i = int((~ok).nonzero()[0, 0])
+                raise InputError(
+                    f"training label {y[i].item()} of example {start + i} is not in {{0, 1}} "
+                    f"or {{-1, +1}} as {name!r} needs"
+                )
+
+    def _fitted(self) -> Curvature:
+        if self.curvature_ is None:
+            raise NotFittedError(
+                "this Influence is not fitted yet: call .fit() before querying "
+                "(e.g. inf = Influence(obj, train).fit())"
+            )
+        return self.curvature_
+
+    @property
+    def n(self) -> int:
+        """Number of training points."""
+        return len(self.train)
+
+    # ------------------------------------------------------------------ building blocks
+    def _test_data(self, test: DataLike) -> Data:
+        return test if isinstance(test, Data) else Data(test, "test data")
+
+    def _prep_test(self, data: Data, start: int, x: torch.Tensor, y: torch.Tensor):
+        x, y = self.objective.prepare(x, y, data.name, start)
+        if start == 0:
+            self.objective.check_batch(x[:16], y[:16], data.name)
+        return x, y
+
+    def test_gradients(self, test: DataLike) -> torch.Tensor:
+        """``[m, p]`` gradients of the measurement at each test point (no regulariser)."""
+        curv = self._fitted()
+        data = self._test_data(test)
+        out = []
+        for start, x, y in data.chunks(curv.chunk_size):
+            x, y = self._prep_test(data, start, x, y)
+            out.append(self.objective.per_example_grads(x, y, "measurement"))
+        return torch.cat(out, 0)
+
+    def s_test(self, test: DataLike, mean: bool = False) -> torch.Tensor:
+        """``s_test = H^-1 grad L(z_test)`` per test point ``[m, p]``, or ``[1, p]`` of the mean."""
+        self._fitted()
+        g = self.test_gradients(test)
+        if mean:
+            g = g.mean(0, keepdim=True)
+        return self.solver.solve(g)
+
+    def train_gradients(self, indices: Indices) -> torch.Tensor:
+        """``[k, p]`` training-side gradients ``grad loss(z_i) + l2 * theta``."""
+        curv = self._fitted()
+        x, y = self._get_train(indices)
+        g = self.objective.per_example_grads(x, y, "loss")
+        return g + curv.objective.l2 * curv.objective.theta
+
+    def _get_train(self, indices: Indices) -> tuple[torch.Tensor, torch.Tensor]:
+        if indices is None:
+            indices = torch.arange(self.n)
+        x, y = self.train.get(indices)
+        return self.objective.prepare(x, y, "training data")
+
+    def _use_jvp(self, k: int) -> bool:
+        return self.scoring == "jvp" or (self.scoring == "auto" and k <= 8)
+
+    def score(self, vecs: torch.Tensor, indices: Indices = None) -> torch.Tensor:
+        """``[k, n]`` (or ``[k, len(indices)]``): ``-v_j^T (grad loss(z_i) + l2 theta)``.
+
+        With ``v_j = s_test`` this is ``I_up,loss(z_i, z_test_j)``. One pass over the training
+        data: forward-mode JVPs for few vectors, per-example gradients otherwise.
+        """
+        curv = self._fitted()
+        obj = self.objective
+        s = vecs.reshape(-1, obj.p).to(obj.dtype)
+        reg = obj.l2 * (s @ obj.theta)
+        use_jvp = self._use_jvp(s.shape[0])
+
+        def block(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if use_jvp:
+                return obj.loss_jvp(s, x, y)
+            return s @ obj.per_example_grads(x, y, "loss").T
+
+        if indices is not None:
+            idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+            parts = []
+            for j in range(0, idx.numel(), curv.chunk_size):
+                x, y = self._get_train(idx[j : j + curv.chunk_size])
+                parts.append(block(x, y))
+            vals = torch.cat(parts, 1) if parts else s.new_zeros(s.shape[0], 0)
+        else:
+            vals = torch.cat([block(x, y) for _, x, y in curv.chunks(desc="Scoring")], 1)
+        return -(vals + reg[:, None])
+
+    # ------------------------------------------------------------------ queries
+    def param_influence(self, indices: Indices) -> torch.Tensor:
+        """``I_up,params(z_i) = -H^-1 (grad loss(z_i) + l2 theta)`` (eq. 1), shape ``[k, p]``.
+
+        Removing ``z_i`` and refitting moves theta by about ``-I_up,params(z_i) / n``.
+        """
+        return -self.solver.solve(self.train_gradients(indices))
+
+    def loss_influence(self, test: DataLike) -> torch.Tensor:
+        """``I_up,loss(z_i, z_test)`` for every test and training point, ``[n_test, n_train]``.
+
+        ``= -grad L(z_test)^T H^-1 (grad loss(z_i) + l2 theta)`` (eq. 2). Negative = helpful.
+        """
+        return self.score(self.s_test(test))
+
+    def predicted_loss_change(self, test: DataLike, indices: Indices = None) -> torch.Tensor:
+        """Predicted change of each test loss when ``z_i`` is removed and the model refit.
+
+        ``= -I_up,loss(z_i, z_test) / n``, shape ``[n_test, k]``. Positive = removing the
+        point raises the test loss (the point was helpful).
+        """
+        return -self.score(self.s_test(test), indices) / self.n
+
+    def self_influence(self, include_l2_gradient: bool = True) -> torch.Tensor:
+        """``I_up,loss(z_i, z_i) = -grad loss(z_i)^T H^-1 g_i`` for every training point, ``[n]``.
+
+        ``g_i`` includes ``l2 theta`` unless ``include_l2_gradient=False`` (then the value is
+        ``-grad loss(z_i)^T H^-1 grad loss(z_i) <= 0``, the ranking of Sec. 5.4).
+        """
+        curv = self._fitted()
+        obj = self.objective
+        out = []
+        for _, x, y in curv.chunks(desc="Self-influence"):
+            g = obj.per_example_grads(x, y, "loss")
+            gt = g + obj.l2 * obj.theta if include_l2_gradient else g
+            out.append(-(g * self.solver.solve(gt)).sum(1))
+        return torch.cat(out)
+
+    def input_influence(self, test: DataLike, indices: Indices) -> torch.Tensor:
+        """``I_pert,loss(z_i, z_test) = -grad L(z_test)^T H^-1 grad_x grad_theta loss(z_i)`` (eq. 5).
+
+        For the mean measurement over the given test points; shape ``[k, *input_shape]``.
+        Moving ``x_i`` by a small ``delta`` changes the test loss by about
+        ``I_pert,loss . delta / n``; a step along ``sign(I_pert,loss)`` raises it.
+        """
+        s = self.s_test(test, mean=True)[0]
+        x, y = self._get_train(indices)
+        if not x.is_floating_point():
+            raise InputError(
+                "input influence needs floating-point inputs (the gradient with respect to "
+                f"the input); the training inputs are {x.dtype}"
+            )
+        return -self.objective.input_grad_of_loss_jvp(s, x, y)
+
+    def label_influence(
+        self, test: DataLike, indices: Indices, new_labels: torch.Tensor | Sequence
+    ) -> torch.Tensor:
+        """Influence of changing the labels of ``z_i`` to ``new_labels`` (Sec. 2.2), ``[n_test, k]``.
+
+        Moving weight ``eps`` from ``(x_i, y_i)`` to ``(x_i, y_new)`` changes the test loss at
+        rate ``-grad L(z_test)^T H^-1 (grad loss(x_i, y_new) - grad loss(x_i, y_i))`` (the
+        regulariser cancels); relabelling the point outright changes it by about this / n.
+        """
+        self._fitted()
+        obj = self.objective
+        x, y = self._get_train(indices)
+        y_new = torch.as_tensor(new_labels, device=obj.device)
+        if y_new.shape != y.shape:
+            raise InputError(
+                f"new_labels has shape {tuple(y_new.shape)} but the chosen training labels "
+                f"have shape {tuple(y.shape)}"
+            )
+        y_new = y_new.to(y.dtype)
+        obj.check_batch(x, y_new, "relabelled training data")
+        diff = obj.per_example_grads(x, y_new) - obj.per_example_grads(x, y)
+        return -(self.s_test(test) @ diff.T)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Solver and problem facts: n, p, damping, l2, and what the solver measured."""
+        curv = self._fitted()
+        return {
+            "solver": self.solver.name,
+            "n_train": curv.n,
+            "p": curv.p,
+            "l2": self.objective.l2,
+            "damping": self.damping,
+            "chunk_size": curv.chunk_size,
+            "hessian_vector_products": curv.num_matvecs,
+            **self.solver.diagnostics(),
+        }

@@ -1,0 +1,159 @@
+"""Per-example losses: ``(outputs, targets) -> [batch]`` tensors.
+
+Built-in names accepted by :class:`inflens.Objective`:
+
+- ``"cross_entropy"``: outputs ``[B, C]`` logits, integer targets in ``[0, C)``.
+- ``"binary_logistic"``: one logit per example (``[B]`` or ``[B, 1]``), labels in {0, 1} or
+  {-1, +1}; ``L = log(1 + exp(-y s))`` with ``y`` in {-1, +1}.
+- ``"hinge"``: ``max(0, 1 - y s)``; its derivative is -y inside the margin and 0 outside, its
+  second derivative is 0 (as with autodiff in the original code, so ``H = l2 I`` exactly).
+- ``"smooth_hinge"``: ``SmoothHinge(s, t) = t log(1 + exp((1 - s)/t))`` (Sec. 4.3); ``t = 0`` is
+  the hinge.
+- ``"mse"``: mean over the non-batch dimensions of ``(outputs - targets)^2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _binary_scores(outputs: torch.Tensor, name: str) -> torch.Tensor:
+    if outputs.ndim == 2 and outputs.shape[1] == 1:
+        return outputs[:, 0]
+    if outputs.ndim == 1:
+        return outputs
+    raise InputError(
+        f"loss {name!r} needs one logit per example (model output [batch] or [batch, 1]), "
+        f"got outputs of shape {tuple(outputs.shape)}; use 'cross_entropy' for several classes."
+    )
+
+
+def signed_labels(targets: torch.Tensor) -> torch.Tensor:
+    """Map labels in {0, 1} to {-1, +1}; labels already in {-1, +1} pass unchanged."""
+    t = targets.to(torch.get_default_dtype()) if not targets.is_floating_point() else targets
+    # 0 -> -1, 1 -> +1, -1 -> -1: y = sign(2t - 1) for t in {0,1}; for t = -1 that gives -3 -> -1.
+    return torch.where(t > 0, torch.ones_like(t), -torch.ones_like(t))
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy per example: ``-log softmax(outputs)[y]``."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def binary_logistic(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log(1 + exp(-y s))`` with ``y`` in {-1, +1} (labels 0/1 are mapped to -1/+1)."""
+    s = _binary_scores(outputs, "binary_logistic")
+    y = signed_labels(targets).to(s.dtype)
+    return F.softplus(-y * s)
+
+
+def hinge(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``max(0, 1 - y s)`` with ``y`` in {-1, +1}."""
+    s = _binary_scores(outputs, "hinge")
+    y = signed_labels(targets).to(s.dtype)
+    return torch.clamp(1 - y * s, min=0)
+
+
+def smooth_hinge_value(margin: torch.Tensor, t: float) -> torch.Tensor:
+    """``SmoothHinge(s, t) = t * log(1 + exp((1 - s) / t))``, computed stably; hinge at t = 0."""
+    if t == 0:
+        return torch.clamp(1 - margin, min=0)
+    return t * F.softplus((1 - margin) / t)
+
+
+@dataclass(frozen=True)
+class SmoothHinge:
+    """Smooth hinge loss of Sec. 4.3 with temperature ``t`` (``t -> 0`` gives the hinge)."""
+
+    t: float = 0.001
+
+    def __post_init__(self) -> None:
+        if not (self.t >= 0):
+            raise InputError(f"smooth hinge temperature t must be >= 0, got {self.t}")
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        s = _binary_scores(outputs, "smooth_hinge")
+        y = signed_labels(targets).to(s.dtype)
+        return smooth_hinge_value(y * s, self.t)
+
+
+def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per example, averaged over the non-batch dimensions."""
+    diff = outputs - targets.to(outputs.dtype)
+    return (diff**2).reshape(diff.shape[0], -1).mean(1)
+
+
+BUILTIN_LOSSES = ("cross_entropy", "binary_logistic", "hinge", "smooth_hinge", "mse")
+_BINARY = ("binary_logistic", "hinge", "smooth_hinge")
+
+
+def resolve_loss(loss: str | LossFn, t: float | None = None) -> tuple[str, LossFn]:
+    """Return ``(name, fn)`` for a built-in loss name or a user callable."""
+    if callable(loss):
+        return getattr(loss, "__name__", type(loss).__name__), loss
+    if loss == "smooth_hinge":
+        return loss, SmoothHinge(0.001 if t is None else float(t))
+    if t is not None:
+        raise InputError(f"temperature t is only used by 'smooth_hinge', not by {loss!r}")
+    table: dict[str, LossFn] = {
+        "cross_entropy": cross_entropy,
+        "binary_logistic": binary_logistic,
+        "hinge": hinge,
+        "mse": mse,
+    }
+    if loss not in table:
+        raise InputError(
+            f"unknown loss {loss!r}; use one of {', '.join(BUILTIN_LOSSES)} "
+            "or a callable (outputs, targets) -> per-example losses"
+        )
+    return loss, table[loss]
+
+
+def check_targets(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """Raise :class:`InputError` when targets do not fit a built-in loss and the model outputs."""
+    if outputs.shape[0] != targets.shape[0]:
+        raise InputError(
+            f"model returned {outputs.shape[0]} outputs for a batch with {targets.shape[0]} labels"
+        )
+    if name == "cross_entropy":
+        if outputs.ndim != 2:
+            raise InputError(
+                "'cross_entropy' needs model outputs of shape [batch, classes], "
+                f"got {tuple(outputs.shape)}"
+            )
+        if targets.is_floating_point() or targets.ndim != 1:
+            raise InputError(
+                "'cross_entropy' needs integer class labels of shape [batch], got "
+                f"{targets.dtype} labels of shape {tuple(targets.shape)}; convert with y.long()"
+            )
+        c = outputs.shape[1]
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= c:
+            raise InputError(
+                f"labels must lie in [0, {c - 1}] for a model with {c} outputs, "
+                f"found labels in [{lo}, {hi}]"
+            )
+    elif name in _BINARY:
+        _binary_scores(outputs, name)
+        vals = set(torch.unique(targets).tolist())
+        if not (vals <= {0, 1} or vals <= {-1, 1}):
+            bad = sorted(vals - {0, 1, -1})[:5]
+            raise InputError(
+                f"loss {name!r} needs labels in {{0, 1}} or {{-1, +1}}, found values such as {bad}"
+                if bad
+                else f"loss {name!r} needs labels in {{0, 1}} or {{-1, +1}}, not a mix of both"
+            )
+    elif name == "mse":
+        if tuple(outputs.shape) != tuple(targets.shape):
+            raise InputError(
+                f"'mse' needs targets of the same shape as the outputs: outputs "
+                f"{tuple(outputs.shape)}, targets {tuple(targets.shape)}"
+            )
