@@ -21,6 +21,19 @@ def auto_chunk_size(n: int, p: int, itemsize: int, budget_bytes: int = 128 * 2**
     return int(max(1, min(n, budget_bytes // max(1, p * itemsize))))
 
 
+CURVATURES = ("hessian", "ggn")
+
+
+def check_curvature(kind: str) -> str:
+    """Validate a curvature name (``"hessian"`` or ``"ggn"``)."""
+    if not isinstance(kind, str) or kind.lower() not in CURVATURES:
+        raise InputError(
+            f"curvature must be 'hessian' (the exact Hessian) or 'ggn' (the generalized "
+            f"Gauss-Newton matrix, positive semi-definite), got {kind!r}"
+        )
+    return kind.lower()
+
+
 class Curvature:
     """``A v = (H + damping I) v`` for the training data, with ``H`` as in the module docstring.
 
@@ -30,6 +43,11 @@ class Curvature:
         damping: ``delta >= 0`` added to the diagonal.
         chunk_size: examples per vectorised chunk (``None``: derived from a memory budget).
         progress: show a progress bar on passes over the training set.
+        curvature: ``"hessian"`` (default) or ``"ggn"``: replace each ``Hess loss(z_i)`` by its
+            generalized Gauss-Newton part ``J_i^T Lambda_i J_i`` (``J_i`` the Jacobian of the
+            model outputs, ``Lambda_i`` the Hessian of the loss in the outputs). The GGN is
+            positive semi-definite for every loss convex in the outputs, the usual choice for
+            non-convex models; it equals the Hessian for linear models.
     """
 
     def __init__(
@@ -39,9 +57,11 @@ class Curvature:
         damping: float = 0.0,
         chunk_size: int | None = None,
         progress: bool = True,
+        curvature: str = "hessian",
     ) -> None:
         if not (float(damping) >= 0.0):
             raise InputError(f"damping must be a non-negative number, got {damping}")
+        self.curvature = check_curvature(curvature)
         self.objective = objective
         self.data = data
         self.damping = float(damping)
@@ -87,15 +107,22 @@ class Curvature:
         single = vecs.ndim == 1
         v = vecs.reshape(-1, self.p).to(self.dtype)
         out = torch.zeros_like(v)
-        for _, x, y in self.chunks(desc):
-            out += self.objective.hvp_sum(v, x, y)
+        with self.objective.evaluating():
+            for _, x, y in self.chunks(desc):
+                out += self.sum_product(v, x, y)
         out = out / self.n + self.shift * v
         self.num_matvecs += v.shape[0]
         return out[0] if single else out
 
+    def sum_product(self, vecs: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``sum_{i in batch} C_i v`` with ``C_i`` the Hessian (or GGN) of ``loss(z_i)``, no shift."""
+        if self.curvature == "ggn":
+            return self.objective.ggn_sum(vecs, x, y)
+        return self.objective.hvp_sum(vecs, x, y)
+
     def batch_matvec(self, vecs: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mini-batch estimate ``((1/B) sum_{i in B} Hess loss(z_i) + (l2 + damping) I) v``."""
-        return self.objective.hvp_sum(vecs, x, y) / x.shape[0] + self.shift * vecs
+        return self.sum_product(vecs, x, y) / x.shape[0] + self.shift * vecs
 
     def dense(self, block: int = 256) -> torch.Tensor:
         """The explicit ``[p, p]`` matrix ``A`` (p matrix-free products, blocked)."""
@@ -106,6 +133,28 @@ class Curvature:
             cols.append(self.matvec(eye[s : s + block]))
         a = torch.cat(cols, 0)
         return 0.5 * (a + a.T)
+
+    def lanczos(self, iters: int = 30, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ritz values ``[m]`` (ascending) and their residual norms ``[m]`` after ``m <= iters``
+        Lanczos steps on ``A`` (one full-data product each, full reorthogonalisation).
+
+        The extreme Ritz values converge first: after 20-30 steps the largest is usually
+        accurate to a few digits and the smallest is an upper bound on ``lambda_min(A)``.
+        """
+        res = krylov(lambda v: self.matvec(v[None])[0], self.p, iters, self.dtype, self.device, seed)
+        return res.values, res.residuals
+
+    def extreme_eigenvalues(self, iters: int = 30, seed: int = 0) -> dict[str, float]:
+        """Estimates of the smallest and largest eigenvalues of ``A`` (and of ``H`` without the
+        damping) from :meth:`lanczos`, with the residual of each estimate."""
+        vals, res = self.lanczos(iters, seed)
+        return {
+            "min_eigenvalue": float(vals[0]),
+            "max_eigenvalue": float(vals[-1]),
+            "min_eigenvalue_residual": float(res[0]),
+            "max_eigenvalue_residual": float(res[-1]),
+            "lanczos_steps": int(vals.numel()),
+        }
 
     def top_eigenvalue(self, iters: int = 30, seed: int = 0, rtol: float = 1e-3) -> float:
         """Largest-magnitude eigenvalue of ``A`` by power iteration (a few full passes)."""
@@ -124,3 +173,84 @@ class Curvature:
                 return new
             lam = new
         return lam
+
+
+class KrylovResult:
+    """Output of :func:`krylov`: Ritz values (ascending), Ritz vectors ``[m, p]`` and residuals.
+
+    ``residuals[j] = ||A u_j - theta_j u_j||`` for the unit Ritz vector ``u_j``.
+    """
+
+    def __init__(
+        self, values: torch.Tensor, vectors: torch.Tensor, residuals: torch.Tensor, steps: int
+    ) -> None:
+        self.values, self.vectors, self.residuals, self.steps = values, vectors, residuals, steps
+
+
+def krylov(
+    matvec,
+    p: int,
+    iters: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    seed: int = 0,
+    vectors: bool = False,
+) -> KrylovResult:
+    """Arnoldi iteration on a symmetric operator (Lanczos with full re-orthogonalisation).
+
+    Builds an orthonormal basis ``Q`` of the Krylov space of a random start vector, one
+    ``matvec`` per step, orthogonalising each new vector twice against all previous ones
+    ("twice is enough") so that the projected matrix ``T = Q^T A Q`` stays accurate to round-off.
+    When the space becomes invariant before ``iters`` steps (the start vector lies in an
+    eigenspace) it continues with a fresh random vector orthogonal to ``Q``, so ``iters = p``
+    always recovers the full eigendecomposition. Returns the eigenpairs of the symmetrised
+    ``T`` mapped back (``u = Q y``) when ``vectors`` is true.
+    """
+    iters = int(min(iters, p))
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def fresh(q: torch.Tensor | None) -> torch.Tensor | None:
+        for _ in range(3):
+            v = torch.randn(p, generator=g, dtype=dtype).to(device)
+            if q is not None and q.shape[0]:
+                v -= q.T @ (q @ v)
+                v -= q.T @ (q @ v)
+            nrm = v.norm()
+            if nrm > 1e-8:
+                return v / nrm
+        return None
+
+    q = torch.empty(iters + 1, p, dtype=dtype, device=device)
+    t = torch.zeros(iters + 1, iters, dtype=dtype, device=device)
+    first = fresh(None)
+    assert first is not None
+    q[0] = first
+    m = 0
+    for j in range(iters):
+        w = matvec(q[j])
+        m = j + 1
+        anorm = float(w.norm())
+        for _ in range(2):  # twice is enough (Kahan-Parlett)
+            c = q[: j + 1] @ w
+            w = w - q[: j + 1].T @ c
+            t[: j + 1, j] += c
+        beta = float(w.norm())
+        if j + 1 == iters:
+            t[j + 1, j] = beta
+            break
+        if beta <= 1e-10 * max(anorm, 1e-300):  # invariant subspace: restart orthogonally
+            nxt = fresh(q[: j + 1])
+            if nxt is None:
+                break
+            q[j + 1] = nxt
+            t[j + 1, j] = 0.0
+        else:
+            q[j + 1] = w / beta
+            t[j + 1, j] = beta
+    tm = t[:m, :m]
+    tm = 0.5 * (tm + tm.T)
+    vals, ys = torch.linalg.eigh(tm)
+    # ||A Q y - theta Q y|| = |beta_m| |y_m| (Arnoldi relation A Q_m = Q_m T_m + beta q e_m^T)
+    residuals = (t[m, m - 1] * ys[m - 1, :]).abs() if m == iters else torch.zeros_like(vals)
+    vecs = ys.T @ q[:m] if vectors else torch.empty(0, p, dtype=dtype, device=device)
+    return KrylovResult(vals, vecs, residuals, m)

@@ -15,14 +15,18 @@ Conventions (those of the paper and its original code):
 
 from __future__ import annotations
 
+import os
+import time
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .curvature import Curvature
+from .curvature import Curvature, check_curvature
 from .data import Data, DataLike
-from .errors import InputError, NotFittedError
+from .errors import InflensWarning, InputError, NotFittedError
 from .objective import Objective
 from .solvers import Solver, make_solver
 
@@ -46,11 +50,18 @@ class Influence:
             (forward-mode directional derivatives, no per-example gradients; best for few test
             points), ``"grad"`` (per-example gradients and one matrix product per chunk) or
             ``"auto"`` (``"jvp"`` for ``k <= 8``).
+        curvature: ``"hessian"`` (default) or ``"ggn"``, the generalized Gauss-Newton matrix
+            (positive semi-definite, the usual choice for non-convex models) in place of each
+            ``Hess loss(z_i)`` in ``H``, for every matrix-free solver (Exact, CG, LiSSA,
+            Arnoldi). K-FAC and EK-FAC always approximate the GGN.
 
     Example:
         >>> inf = Influence(obj, (X, y), solver="exact").fit()
         >>> scores = inf.loss_influence((X_test, y_test))   # [n_test, n_train]
     """
+
+    #: the operator ``fit`` builds (inflens.distributed swaps in a sharded one)
+    curvature_class: type[Curvature] = Curvature
 
     def __init__(
         self,
@@ -61,6 +72,7 @@ class Influence:
         batch_size: int | None = None,
         progress: bool = True,
         scoring: str = "auto",
+        curvature: str = "hessian",
     ) -> None:
         if not isinstance(objective, Objective):
             raise InputError(
@@ -79,14 +91,17 @@ class Influence:
         self.batch_size = batch_size
         self.progress = progress
         self.scoring = scoring
+        self.curvature = check_curvature(curvature)
         self.curvature_: Curvature | None = None
 
     # ------------------------------------------------------------------ fitting
     def fit(self) -> Influence:
         """Check the training data against the model and prepare the solver; returns self."""
         obj = self.objective
-        curv = Curvature(obj, self.train, self.damping, self.batch_size, self.progress)
+        curv = self.curvature_class(obj, self.train, self.damping, self.batch_size, self.progress)
+        curv.curvature = self.curvature  # set after construction: subclasses keep their signature
         n_classes = None
+        seen: set[int] = set()  # binary label values over all chunks (to refuse a 0/-1 mix)
         for start, x, y in curv.chunks(desc="Checking data", check=True):
             if start == 0:
                 obj.check_batch(x[:16], y[:16], "training data")
@@ -94,13 +109,26 @@ class Influence:
                     with torch.no_grad():
                         n_classes = obj.outputs(obj.theta, x[:1]).shape[1]
             if obj.builtin_loss:
-                self._check_labels(y, n_classes, start)
+                self._check_labels(y, n_classes, start, "training", seen)
+        self.n_classes_ = n_classes
         self.solver.fit(curv)
         self.curvature_ = curv
         self.n_train_ = curv.n
         return self
 
-    def _check_labels(self, y: torch.Tensor, n_classes: int | None, start: int) -> None:
+    def _check_labels(
+        self,
+        y: torch.Tensor,
+        n_classes: int | None,
+        start: int,
+        what: str = "training",
+        seen: set[int] | None = None,
+    ) -> None:
+        """Check every label of a chunk (``check_batch`` only sees the first 16 examples).
+
+        ``seen`` collects binary label values across chunks: {0, 1} and {-1, +1} are both
+        accepted, but a mix would silently map 0 and -1 to the same class.
+        """
         name = self.objective.loss_name
         if name == "cross_entropy" and n_classes is not None:
             if y.is_floating_point():
@@ -111,7 +139,7 @@ class Influence:
             if bad.any():
                 i = int(bad.nonzero()[0, 0])
                 raise InputError(
-                    f"training label {int(y[i])} of example {start + i} is outside "
+                    f"{what} label {int(y[i])} of example {start + i} is outside "
                     f"[0, {n_classes - 1}] for a model with {n_classes} outputs"
                 )
         elif name in ("binary_logistic", "hinge", "smooth_hinge"):
@@ -119,9 +147,17 @@ class Influence:
             if not ok.all():
                 i = int((~ok).nonzero()[0, 0])
                 raise InputError(
-                    f"training label {y[i].item()} of example {start + i} is not in {{0, 1}} "
+                    f"{what} label {y[i].item()} of example {start + i} is not in {{0, 1}} "
                     f"or {{-1, +1}} as {name!r} needs"
                 )
+            if seen is not None:
+                seen.update(int(v) for v in torch.unique(y).tolist())
+                if 0 in seen and -1 in seen:
+                    raise InputError(
+                        f"the {what} labels mix the {{0, 1}} and {{-1, +1}} conventions (both 0 "
+                        f"and -1 occur, up to example {start + len(y) - 1}); {name!r} would treat "
+                        "0 and -1 as the same class. Use one convention throughout"
+                    )
 
     def _fitted(self) -> Curvature:
         if self.curvature_ is None:
@@ -140,10 +176,16 @@ class Influence:
     def _test_data(self, test: DataLike) -> Data:
         return test if isinstance(test, Data) else Data(test, "test data")
 
-    def _prep_test(self, data: Data, start: int, x: torch.Tensor, y: torch.Tensor):
+    def _prep_test(
+        self, data: Data, start: int, x: torch.Tensor, y: torch.Tensor, seen: set[int] | None = None
+    ):
         x, y = self.objective.prepare(x, y, data.name, start)
         if start == 0:
             self.objective.check_batch(x[:16], y[:16], data.name)
+        if self.objective.builtin_loss:
+            # all labels, not only the 16 check_batch saw: an out-of-range class would fail deep
+            # inside vmap, and a binary label 2 would silently count as +1
+            self._check_labels(y, getattr(self, "n_classes_", None), start, "test", seen)
         return x, y
 
     def test_gradients(self, test: DataLike) -> torch.Tensor:
@@ -151,8 +193,9 @@ class Influence:
         curv = self._fitted()
         data = self._test_data(test)
         out = []
+        seen: set[int] = set()
         for start, x, y in data.chunks(curv.chunk_size):
-            x, y = self._prep_test(data, start, x, y)
+            x, y = self._prep_test(data, start, x, y, seen)
             out.append(self.objective.per_example_grads(x, y, "measurement"))
         return torch.cat(out, 0)
 
@@ -177,35 +220,91 @@ class Influence:
         x, y = self.train.get(indices)
         return self.objective.prepare(x, y, "training data")
 
-    def _use_jvp(self, k: int) -> bool:
-        return self.scoring == "jvp" or (self.scoring == "auto" and k <= 8)
+    #: examples in the probe chunk that times the two scoring methods (``scoring="auto"``)
+    _PROBE = 256
+
+    def _use_jvp(self, k: int, n_scored: int | None = None) -> bool:
+        """Forward-mode JVPs (cost ~ ``a + b k``) or per-example gradients (cost ~ ``g``)?
+
+        ``"auto"`` measures both once on a small probe chunk of the training data (each timed
+        after a warm-up) and picks the cheaper for ``k`` vectors; for passes too short to be
+        worth a measurement it uses JVPs for ``k <= 8``.
+        """
+        if self.scoring != "auto":
+            return self.scoring == "jvp"
+        if n_scored is not None and n_scored <= 4 * self._PROBE:
+            return k <= 8
+        cost = self._scoring_costs()
+        if cost is None:
+            return k <= 8
+        return cost["jvp_fixed_s"] + cost["jvp_per_vector_s"] * k < cost["per_example_grad_s"]
+
+    def _scoring_costs(self) -> dict[str, float] | None:
+        if getattr(self, "scoring_costs_", None) is not None:
+            return self.scoring_costs_
+        obj = self.objective
+        x, y = self._get_train(torch.arange(min(self._PROBE, self.n)))
+        if obj.linear_head(x, y) is not None:
+            return None  # the closed form is used for any k
+        g = torch.Generator(device="cpu").manual_seed(0)
+        vecs = torch.randn(4, obj.p, generator=g, dtype=obj.dtype).to(obj.device)
+
+        def timed(fn) -> float:
+            fn()  # warm-up: lazy initialisation, allocator
+            runs = []
+            for _ in range(3):
+                t = time.perf_counter()
+                fn()
+                runs.append(time.perf_counter() - t)
+            return sorted(runs)[1]
+
+        try:
+            with obj.evaluating():
+                t1 = timed(lambda: obj.loss_jvp(vecs[:1], x, y))
+                t4 = timed(lambda: obj.loss_jvp(vecs, x, y))
+                tg = timed(lambda: vecs @ obj.per_example_grads(x, y, "loss").T)
+        except Exception:  # noqa: BLE001 - a model that fails one path: keep the rule of thumb
+            return None
+        per_vec = max((t4 - t1) / 3, 0.0)
+        self.scoring_costs_ = {
+            "jvp_fixed_s": max(t1 - per_vec, 0.0),
+            "jvp_per_vector_s": per_vec,
+            "per_example_grad_s": tg,
+            "probe_examples": int(x.shape[0]),
+        }
+        return self.scoring_costs_
 
     def score(self, vecs: torch.Tensor, indices: Indices = None) -> torch.Tensor:
         """``[k, n]`` (or ``[k, len(indices)]``): ``-v_j^T (grad loss(z_i) + l2 theta)``.
 
         With ``v_j = s_test`` this is ``I_up,loss(z_i, z_test_j)``. One pass over the training
-        data: forward-mode JVPs for few vectors, per-example gradients otherwise.
+        data: forward-mode JVPs for few vectors, per-example gradients otherwise (``scoring``;
+        ``"auto"`` picks the cheaper from a one-off timing), or the closed form of a top
+        Linear layer (:mod:`inflens.linear_head`) for any number of vectors.
         """
         curv = self._fitted()
         obj = self.objective
         s = vecs.reshape(-1, obj.p).to(obj.dtype)
         reg = obj.l2 * (s @ obj.theta)
-        use_jvp = self._use_jvp(s.shape[0])
+        n_scored = self.n if indices is None else int(torch.as_tensor(indices).numel())
+        use_jvp = self._use_jvp(s.shape[0], n_scored)
 
         def block(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            if use_jvp:
+            # a top Linear layer has closed-form directional derivatives for any k
+            if use_jvp or obj.linear_head(x, y) is not None:
                 return obj.loss_jvp(s, x, y)
             return s @ obj.per_example_grads(x, y, "loss").T
 
-        if indices is not None:
-            idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-            parts = []
-            for j in range(0, idx.numel(), curv.chunk_size):
-                x, y = self._get_train(idx[j : j + curv.chunk_size])
-                parts.append(block(x, y))
-            vals = torch.cat(parts, 1) if parts else s.new_zeros(s.shape[0], 0)
-        else:
-            vals = torch.cat([block(x, y) for _, x, y in curv.chunks(desc="Scoring")], 1)
+        with obj.evaluating():  # one eval-mode switch for the whole pass
+            if indices is not None:
+                idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+                parts = []
+                for j in range(0, idx.numel(), curv.chunk_size):
+                    x, y = self._get_train(idx[j : j + curv.chunk_size])
+                    parts.append(block(x, y))
+                vals = torch.cat(parts, 1) if parts else s.new_zeros(s.shape[0], 0)
+            else:
+                vals = torch.cat([block(x, y) for _, x, y in curv.chunks(desc="Scoring")], 1)
         return -(vals + reg[:, None])
 
     # ------------------------------------------------------------------ queries
@@ -236,14 +335,33 @@ class Influence:
 
         ``g_i`` includes ``l2 theta`` unless ``include_l2_gradient=False`` (then the value is
         ``-grad loss(z_i)^T H^-1 grad loss(z_i) <= 0``, the ranking of Sec. 5.4).
+
+        One pass over the data with per-example gradients; each chunk is solved at once, which
+        is cheap for the direct solvers (Exact, Arnoldi: ``g^T U diag(1/lambda) U^T g``, K-FAC,
+        EK-FAC: a few Kronecker products per layer). Iterative solvers (CG, LiSSA) would solve
+        one system per training point; a warning says so when ``n`` is large.
         """
         curv = self._fitted()
         obj = self.objective
+        direct = getattr(self.solver, "direct", False) or self.solver.name == "exact"
+        if not direct and curv.n > 1000:
+            warnings.warn(
+                f"self_influence with the iterative {self.solver.name!r} solver solves one "
+                f"system per training point ({curv.n} of them); use solver='exact' (small p), "
+                "'arnoldi', 'kfac' or 'ekfac', whose solves are cheap",
+                InflensWarning,
+                stacklevel=2,
+            )
+        inner = getattr(self.solver, "inner", None)
         out = []
-        for _, x, y in curv.chunks(desc="Self-influence"):
-            g = obj.per_example_grads(x, y, "loss")
-            gt = g + obj.l2 * obj.theta if include_l2_gradient else g
-            out.append(-(g * self.solver.solve(gt)).sum(1))
+        with obj.evaluating():
+            for _, x, y in curv.chunks(desc="Self-influence"):
+                g = obj.per_example_grads(x, y, "loss")
+                gt = g + obj.l2 * obj.theta if include_l2_gradient else g
+                if inner is not None:
+                    out.append(-inner(g, gt))
+                else:
+                    out.append(-(g * self.solver.solve(gt)).sum(1))
         return torch.cat(out)
 
     def input_influence(self, test: DataLike, indices: Indices) -> torch.Tensor:
@@ -285,11 +403,49 @@ class Influence:
         diff = obj.per_example_grads(x, y_new) - obj.per_example_grads(x, y)
         return -(self.s_test(test) @ diff.T)
 
-    def diagnostics(self) -> dict[str, Any]:
-        """Solver and problem facts: n, p, damping, l2, and what the solver measured."""
+    # ------------------------------------------------------------------ artifacts (artifacts.py)
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the fitted state, configuration and model/data fingerprints to ``folder``."""
+        from .artifacts import save_influence
+
+        return save_influence(self, folder)
+
+    @classmethod
+    def load(
+        cls, folder: str | os.PathLike, objective: Objective, train: DataLike, progress: bool = True
+    ) -> Influence:
+        """A fitted Influence from :meth:`save`; refuses a different model or training data."""
+        from .artifacts import load_influence
+
+        return load_influence(folder, objective, train, progress=progress, influence_class=cls)
+
+    def score_to_folder(
+        self, test: DataLike, folder: str | os.PathLike, chunk_size: int = 4096, **kwargs: Any
+    ) -> torch.Tensor:
+        """``loss_influence(test)`` written chunk by chunk to ``folder``; resumes if killed.
+
+        The s_test vectors are saved first (``folder/s_test.safetensors``) and reused on a
+        restart; see :func:`inflens.artifacts.score_to_folder`. Returns the ``[n_test, n]``
+        scores once every chunk is on disk.
+        """
+        from .artifacts import score_folder_for_test
+
+        return score_folder_for_test(self, test, folder, chunk_size, **kwargs)
+
+    def diagnostics(self, eigenvalues: bool = False) -> dict[str, Any]:
+        """Solver and problem facts: n, p, damping, l2, and what the solver measured.
+
+        Solver entries include, where they apply: the extreme eigenvalues (Exact: exact;
+        Arnoldi: Ritz values; LiSSA: Lanczos estimates and the contraction per step; K-FAC:
+        of the approximation), CG's relative residuals, LiSSA's scale. ``eigenvalues=True``
+        adds Lanczos estimates (30 full-data products) of the smallest and largest eigenvalue
+        of ``H + damping`` for any solver. ``"advice"`` lists what to change when something
+        looks wrong (an empty list otherwise).
+        """
         curv = self._fitted()
-        return {
+        out = {
             "solver": self.solver.name,
+            "curvature": getattr(curv, "curvature", "hessian"),
             "n_train": curv.n,
             "p": curv.p,
             "l2": self.objective.l2,
@@ -298,3 +454,39 @@ class Influence:
             "hessian_vector_products": curv.num_matvecs,
             **self.solver.diagnostics(),
         }
+        if getattr(self, "scoring_costs_", None):
+            out["scoring_costs"] = dict(self.scoring_costs_)
+        if eigenvalues:
+            ext = curv.extreme_eigenvalues(iters=30)
+            out["curvature_min_eigenvalue"] = ext["min_eigenvalue"]
+            out["curvature_max_eigenvalue"] = ext["max_eigenvalue"]
+        out["advice"] = _advice(out)
+        return out
+
+
+def _advice(d: dict[str, Any]) -> list[str]:
+    """Plain-language fixes for what the diagnostics show is off."""
+    tips: list[str] = []
+    res = d.get("relative_residuals") or []
+    if res and max(res) > 1e-5:
+        tips.append(
+            f"CG's worst relative residual is {max(res):.1e}: raise CG(max_iter=...), add "
+            "damping, or use curvature='ggn'"
+        )
+    bias = d.get("bias_factor")
+    if d.get("solver") == "lissa" and "contraction" in d and (bias is None or bias > 0.05):
+        tips.append(
+            "LiSSA's depth is too small for its scale and the smallest eigenvalue "
+            f"(contraction {d['contraction']:.6f} per step): raise depth, add damping, or use "
+            "a smaller scale (>= the largest eigenvalue)"
+        )
+    rr = d.get("max_ritz_relative_residual")
+    if rr is not None and rr > 1e-2:
+        tips.append(f"Arnoldi's eigenpairs have not converged (residual {rr:.1e}): raise n_iters")
+    lo = d.get("curvature_min_eigenvalue")
+    if lo is not None and lo <= 0:
+        tips.append(
+            f"H + damping has a non-positive eigenvalue (about {lo:.3g}): add damping > "
+            f"{-lo:.3g} or use curvature='ggn'"
+        )
+    return tips

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .errors import InputError, VmapError
 from .losses import LossFn, check_targets, resolve_loss
@@ -29,6 +29,12 @@ _VMAP_HINT = (
     "ops), BatchNorm forced into training mode, data-dependent Python control flow or "
     ".item() calls inside forward(), or layers that only accept batched inputs of a fixed size."
 )
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    """True when no tensor is wrapped by a torch.func transform (so plain autograd may run)."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return not any(wrapped(t) for t in tensors)
 
 
 @contextlib.contextmanager
@@ -128,6 +134,11 @@ class Objective:
         selected = set(self.names)
         self.frozen = {n: p.detach() for n, p in named.items() if n not in selected}
         self.frozen.update({n: b for n, b in model.named_buffers()})
+        #: use the closed-form per-example gradients of a top Linear layer when theta is exactly
+        #: that layer (see :mod:`inflens.linear_head`); set False to force autograd
+        self.use_linear_head = True
+        self._head: object | None = None  # None: not probed yet; False: not applicable
+        self._held_eval = False
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -205,8 +216,27 @@ class Objective:
                 )
 
     # ------------------------------------------------------------------ functions of theta
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Hold the model in eval mode for a whole loop.
+
+        Inside, :meth:`outputs` skips switching every submodule to eval mode and back on each
+        call (a per-call cost that dominates tiny batch-1 steps such as LiSSA's). Re-entrant.
+        """
+        if self._held_eval:
+            yield
+            return
+        with eval_mode(self.model):
+            self._held_eval = True
+            try:
+                yield
+            finally:
+                self._held_eval = False
+
     def outputs(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Model outputs at a flat ``theta`` (eval mode)."""
+        if self._held_eval:
+            return functional_call(self.model, {**self.frozen, **self.unflatten(theta)}, (x,))
         with eval_mode(self.model):
             return functional_call(self.model, {**self.frozen, **self.unflatten(theta)}, (x,))
 
@@ -246,6 +276,17 @@ class Objective:
 
         return one
 
+    def linear_head(self, x: torch.Tensor, y: torch.Tensor):
+        """The closed-form :class:`~inflens.linear_head.LinearHead` if theta is one top Linear
+        layer on frozen features (probed once on ``x, y``), else ``None``."""
+        if not self.use_linear_head:
+            return None
+        if self._head is None:
+            from .linear_head import probe
+
+            self._head = probe(self, x, y) or False
+        return self._head or None
+
     def per_example_grads(
         self,
         x: torch.Tensor,
@@ -253,8 +294,20 @@ class Objective:
         which: str = "loss",
         theta: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-example gradients ``[B, p]`` of the loss (or the measurement), no regulariser."""
+        """Per-example gradients ``[B, p]`` of the loss (or the measurement), no regulariser.
+
+        Closed form ``e_i phi_i^T`` when theta is a top Linear layer (:mod:`inflens.linear_head`),
+        autograd under ``vmap`` otherwise.
+        """
         theta = self.theta if theta is None else theta
+        head = self.linear_head(x, y)
+        if head is not None:
+            return head.per_example_grads(theta, x, y, which)
+        return self._per_example_grads_autograd(x, y, which, theta)
+
+    def _per_example_grads_autograd(
+        self, x: torch.Tensor, y: torch.Tensor, which: str, theta: torch.Tensor
+    ) -> torch.Tensor:
         f = grad(self._single(which))
         try:
             return vmap(f, in_dims=(None, 0, 0))(theta, x, y)
@@ -282,9 +335,13 @@ class Objective:
     ) -> torch.Tensor:
         """``sum_{i in batch} Hess_theta loss(z_i) @ v`` for each row ``v`` of ``vecs [k, p]``.
 
-        Pearlmutter's trick, forward-over-reverse: ``jvp(grad(sum loss), v)``. No regulariser.
+        Pearlmutter's trick, forward-over-reverse: ``jvp(grad(sum loss), v)`` under ``vmap``
+        (reverse-over-reverse autograd for a single vector outside torch.func transforms).
+        No regulariser.
         """
         theta = self.theta if theta is None else theta
+        if vecs.shape[0] == 1 and _plain(vecs, x, theta):
+            return self._hvp_double_backward(vecs[0], x, y, theta).unsqueeze(0)
         g = grad(lambda th: self.losses(th, x, y).sum())
 
         def one(v: torch.Tensor) -> torch.Tensor:
@@ -293,8 +350,54 @@ class Objective:
         try:
             return vmap(one)(vecs)
         except (RuntimeError, NotImplementedError) as exc:
-            if vecs.shape[0] == 1:
-                return one(vecs[0]).unsqueeze(0)
+            raise VmapError(f"{_VMAP_HINT} Original error: {exc}") from exc
+
+    def _hvp_double_backward(
+        self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor
+    ) -> torch.Tensor:
+        """One HVP by reverse-over-reverse autograd: for a single vector this avoids the
+        per-call overhead of forward-mode decompositions (several times faster on batch-1
+        LiSSA steps)."""
+        th = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            total = self.losses(th, x, y).sum()
+            (g,) = torch.autograd.grad(total, th, create_graph=True)
+            if not g.requires_grad:  # piecewise-linear loss (hinge): zero Hessian
+                return torch.zeros_like(v)
+            (hv,) = torch.autograd.grad(g, th, grad_outputs=v, allow_unused=True)
+        return torch.zeros_like(v) if hv is None else hv.detach()
+
+    def ggn_sum(
+        self,
+        vecs: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        theta: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``sum_{i in batch} J_i^T Lambda_i J_i v`` (generalized Gauss-Newton) for rows of ``vecs``.
+
+        ``J_i = d f(x_i) / d theta`` is the Jacobian of the model outputs and ``Lambda_i`` the
+        Hessian of the loss with respect to the outputs. Computed as a forward-mode JVP of the
+        outputs, an output-space Hessian-vector product of the loss, and a VJP back. Positive
+        semi-definite whenever the loss is convex in the outputs (all built-in losses). No
+        regulariser (its Hessian ``l2 I`` is exact and added by the curvature operator).
+        """
+        theta = self.theta if theta is None else theta
+        fwd = lambda th: self.outputs(th, x)  # noqa: E731
+        out, pull = vjp(fwd, theta)
+        out = out.detach()
+        dloss = grad(lambda o: self.loss_fn(o, y).sum())
+
+        def one(v: torch.Tensor) -> torch.Tensor:
+            jv = jvp(fwd, (theta,), (v,))[1]
+            hjv = jvp(dloss, (out,), (jv,))[1]
+            return pull(hjv)[0]
+
+        if vecs.shape[0] == 1:
+            return one(vecs[0]).unsqueeze(0)
+        try:
+            return vmap(one)(vecs)
+        except (RuntimeError, NotImplementedError) as exc:
             raise VmapError(f"{_VMAP_HINT} Original error: {exc}") from exc
 
     def loss_jvp(
@@ -304,12 +407,20 @@ class Objective:
         y: torch.Tensor,
         theta: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``[k, B]`` directional derivatives ``grad_theta loss(z_i) . v`` (forward mode, no reg)."""
+        """``[k, B]`` directional derivatives ``grad_theta loss(z_i) . v`` (forward mode, no reg).
+
+        Closed form when theta is a top Linear layer (:mod:`inflens.linear_head`).
+        """
         theta = self.theta if theta is None else theta
+        head = self.linear_head(x, y)
+        if head is not None:
+            return head.loss_jvp(vecs, theta, x, y)
 
         def one(v: torch.Tensor) -> torch.Tensor:
             return jvp(lambda th: self.losses(th, x, y), (theta,), (v,))[1]
 
+        if vecs.shape[0] == 1:
+            return one(vecs[0]).unsqueeze(0)
         try:
             return vmap(one)(vecs)
         except (RuntimeError, NotImplementedError) as exc:

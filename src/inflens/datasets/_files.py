@@ -24,21 +24,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InflensError
+
 ENV_DATA = "INFLENS_DATA"
 ENV_CACHE = "INFLENS_CACHE"
 
 _CHUNK = 1 << 20
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(InflensError, FileNotFoundError):
     """A dataset file is neither on disk nor downloadable; the message says how to fix it."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(InflensError, ValueError):
     """A file's sha256 differs from the published value (corrupt or a different version)."""
 
 
-class CorruptFileError(ValueError):
+class CorruptFileError(InflensError, ValueError):
     """A data file exists but cannot be parsed (truncated, wrong format, wrong contents)."""
 
 
@@ -168,12 +170,12 @@ def _find(file: RemoteFile, dirs: Sequence[Path]) -> Path | None:
     return None
 
 
-def _fix_hint(subfolder: str) -> str:
-    return (
+def _fix_hint(subfolder: str, downloadable: bool) -> str:
+    hint = (
         f"How to fix: pass data_dir=<folder containing the files>, or set {ENV_DATA} to a folder "
-        f"with a '{subfolder}/' subfolder (the layout of the project's shared/data), or run with "
-        "network access and download=True."
+        f"with a '{subfolder}/' subfolder (the layout of the project's shared/data)"
     )
+    return hint + (", or run with network access and download=True." if downloadable else ".")
 
 
 def locate(
@@ -216,7 +218,12 @@ def locate(
             try:
                 found[file.name] = fetch(file.url, target / file.name, file.sha256)
             except (urllib.error.URLError, OSError) as exc:
-                problems.append(f"downloading {file.url} failed: {exc}")
+                cause = exc.__cause__ if isinstance(exc, DatasetNotFoundError) else exc
+                reason = getattr(cause, "reason", cause)
+                problems.append(
+                    f"Downloading {file.url} failed ({reason}); no further download was tried."
+                )
+                break  # offline or blocked: do not wait for a timeout per file
             else:
                 missing.remove(file)
     if not missing:
@@ -227,5 +234,5 @@ def locate(
     notes = [f.note for f in missing if f.note]
     raise DatasetNotFoundError(
         f"{dataset}: missing file(s): {names}. Looked in: {looked}. "
-        + " ".join([*problems, *notes, _fix_hint(subfolder)])
+        + " ".join([*problems, *notes, _fix_hint(subfolder, any(f.url for f in missing))])
     )

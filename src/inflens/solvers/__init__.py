@@ -1,17 +1,32 @@
-"""Inverse-Hessian-vector-product solvers: ``Exact``, ``CG``, ``LiSSA``."""
+"""Inverse-Hessian-vector-product solvers.
+
+Matrix-free on the exact curvature operator: ``Exact`` (explicit matrix), ``CG``, ``LiSSA``,
+``Arnoldi`` (low-rank eigendecomposition). Structured approximations of the Gauss-Newton
+matrix: ``KFAC`` and ``EKFAC`` (Linear and Conv2d layers).
+"""
 
 from __future__ import annotations
 
+from .arnoldi import Arnoldi
 from .base import Solver
 from .cg import CG
 from .exact import Exact
+from .kfac import EKFAC, KFAC
 from .lissa import LiSSA
 
-_BY_NAME = {"exact": Exact, "cg": CG, "lissa": LiSSA}
+_BY_NAME: dict[str, type[Solver]] = {
+    "exact": Exact,
+    "cg": CG,
+    "lissa": LiSSA,
+    "arnoldi": Arnoldi,
+    "kfac": KFAC,
+    "ekfac": EKFAC,
+}
 
 
 def make_solver(solver: str | Solver) -> Solver:
-    """A solver object from a name (``"exact"``, ``"cg"``, ``"lissa"``) or pass one through."""
+    """A solver object from a name (``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``,
+    ``"kfac"``, ``"ekfac"``; default settings) or pass one through."""
     if isinstance(solver, Solver):
         return solver
     if isinstance(solver, str) and solver.lower() in _BY_NAME:
@@ -27,4 +42,14 @@ def register_solver(name: str, cls: type[Solver]) -> None:
     _BY_NAME[name.lower()] = cls
 
 
-__all__ = ["CG", "Exact", "LiSSA", "Solver", "make_solver", "register_solver"]
+__all__ = [
+    "CG",
+    "EKFAC",
+    "KFAC",
+    "Arnoldi",
+    "Exact",
+    "LiSSA",
+    "Solver",
+    "make_solver",
+    "register_solver",
+]

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..curvature import Curvature
 from ..errors import CurvatureError, MemoryBudgetError
 from .base import Solver
+
+
+def _round_up(x: float, digits: int = 3) -> float:
+    """``x > 0`` rounded *up* to ``digits`` significant digits (a suggested damping printed
+    with ``.3g`` must not round below the threshold it is meant to exceed)."""
+    e = math.floor(math.log10(x)) - (digits - 1)
+    return math.ceil(x / 10.0**e) * 10.0**e
 
 
 class Exact(Solver):
@@ -36,7 +45,9 @@ class Exact(Solver):
                 f"max_memory_gb={self.max_memory_gb}; use solver='cg' or 'lissa' (matrix-free), "
                 "or raise Exact(max_memory_gb=...)"
             )
-        super().fit(curvature)
+        # only a successful fit marks the solver as fitted (a refused Hessian must not leave a
+        # half-fitted solver whose solve() fails with an AttributeError)
+        self.curvature_ = None
         a = curvature.dense()
         evals, evecs = torch.linalg.eigh(a)
         lam_min, lam_max = float(evals[0]), float(evals[-1])
@@ -48,7 +59,8 @@ class Exact(Solver):
             "matvecs": p,
         }
         if lam_min < -tol:
-            suggest = 2 * abs(lam_min) + curvature.damping
+            # rounded up: with a large damping, 10.002 printed as "10" would not be enough
+            suggest = _round_up(2 * abs(lam_min) + curvature.damping)
             raise CurvatureError(
                 f"the Hessian plus damping is indefinite: most negative eigenvalue {lam_min:.4g} "
                 f"(largest {lam_max:.4g}); the model is not at a minimum of a convex objective. "
@@ -62,6 +74,7 @@ class Exact(Solver):
                 f"damping={max(1e-3 * lam_max, 1e-8):.3g}) or train with l2 > 0"
             )
         self.evals_, self.evecs_ = evals, evecs
+        super().fit(curvature)
         return self
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,156 @@
+"""Time influence scoring against one forward pass over the same training set.
+
+For each model (multinomial logistic regression 784x10 without bias, and the paper's small
+CNN, :class:`inflens.models.PaperCNN`) on a synthetic MNIST-shaped training set of ``--n``
+points (timings do not depend on the pixel values), this measures, in one process:
+
+- ``forward``: one forward pass (loss values, no gradients) over the training set, in chunks;
+- ``pe_grad``: one per-example-gradient pass with autograd (``vmap(grad)``) over the set;
+- ``loss_influence(k)`` for ``k`` in 1, 10 and 100 test points, end to end (test gradients,
+  ``s_test`` with a fitted K-FAC solver whose solve is a few small products, and the scoring
+  pass over every training point; the solver's fit is excluded).
+
+Every time is the median of ``--repeats`` runs, the measurements interleaved so that load from
+other processes affects all of them alike. Ratios are printed beside the targets:
+
+- issue 2: ``loss_influence(1) <= 4 x forward``;
+- issue 5: ``loss_influence(1) <= 3 x forward`` and ``loss_influence(100) <= 1.5 x pe_grad``.
+
+Run: ``python benchmarks/bench_scoring.py [--n 20000] [--repeats 5] [--dtype float32]
+[--threads 2] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from inflens import Influence, InflensWarning, Objective
+from inflens.curvature import auto_chunk_size
+from inflens.models import PaperCNN
+from inflens.solvers import KFAC
+
+TEST_COUNTS = (1, 10, 100)
+
+
+def _time(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_model(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, args) -> dict:
+    """Median times (seconds) and ratios for one model."""
+    obj = Objective(model, "cross_entropy", l2=0.01)
+    n = x.shape[0]
+    fwd_chunk = 4096
+    pe_chunk = auto_chunk_size(n, obj.p, x.element_size())
+    xt, yt = x[: max(TEST_COUNTS)], y[: max(TEST_COUNTS)]  # test points (any will do)
+
+    def forward() -> None:
+        with torch.no_grad(), obj.evaluating():
+            for s in range(0, n, fwd_chunk):
+                obj.losses(obj.theta, x[s : s + fwd_chunk], y[s : s + fwd_chunk])
+
+    def pe_grad() -> None:
+        with obj.evaluating():
+            for s in range(0, n, pe_chunk):
+                obj._per_example_grads_autograd(
+                    x[s : s + pe_chunk], y[s : s + pe_chunk], "loss", obj.theta
+                )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InflensWarning)
+        t_fit = time.perf_counter()
+        inf = Influence(obj, (x, y), solver=KFAC(), damping=0.01, progress=False).fit()
+        t_fit = time.perf_counter() - t_fit
+
+    jobs: dict[str, Callable[[], object]] = {"forward": forward, "pe_grad": pe_grad}
+    for k in TEST_COUNTS:
+        jobs[f"loss_influence({k})"] = lambda k=k: inf.loss_influence((xt[:k], yt[:k]))
+    for fn in jobs.values():  # warm-up (lazy imports, allocator, closed-form probe)
+        fn()
+    times: dict[str, list[float]] = {key: [] for key in jobs}
+    for _ in range(args.repeats):
+        for key, fn in jobs.items():
+            times[key].append(_time(fn))
+    med = {key: statistics.median(v) for key, v in times.items()}
+    out = {
+        "model": name,
+        "p": obj.p,
+        "n": n,
+        "linear_head_closed_form": obj.linear_head(x[:8], y[:8]) is not None,
+        "kfac_fit_s": t_fit,
+        "seconds": med,
+        "ratio_to_forward": {k: v / med["forward"] for k, v in med.items()},
+        "ratio_to_pe_grad": {k: v / med["pe_grad"] for k, v in med.items()},
+    }
+    out["targets"] = {
+        "issue2: loss_influence(1) <= 4x forward": out["ratio_to_forward"]["loss_influence(1)"]
+        <= 4,
+        "issue5: loss_influence(1) <= 3x forward": out["ratio_to_forward"]["loss_influence(1)"]
+        <= 3,
+        "issue5: loss_influence(100) <= 1.5x pe_grad": out["ratio_to_pe_grad"][
+            "loss_influence(100)"
+        ]
+        <= 1.5,
+    }
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=20000, help="training points")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--models", default="lr,cnn", help="comma-separated: lr, cnn")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dt = getattr(torch, args.dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.n, 784, generator=g, dtype=dt).to(args.device)
+    y = torch.randint(0, 10, (args.n,), generator=g).to(args.device)
+    results = []
+    for name in args.models.split(","):
+        if name == "lr":
+            model = nn.Linear(784, 10, bias=False).to(dt)
+            nn.init.normal_(model.weight, std=0.01, generator=g)
+        elif name == "cnn":
+            model = PaperCNN(seed=0, dtype=dt)
+        else:
+            raise SystemExit(f"unknown model {name!r}; use lr or cnn")
+        results.append(bench_model(name, model.to(args.device), x, y, args))
+    print(
+        f"n={args.n} dtype={args.dtype} threads={torch.get_num_threads()} "
+        f"device={args.device} repeats={args.repeats} (median seconds; ratios)"
+    )
+    for r in results:
+        print(f"\n{r['model']} (p={r['p']}, closed-form linear head: "
+              f"{r['linear_head_closed_form']}, K-FAC fit {r['kfac_fit_s']:.2f}s)")  # fmt: skip
+        print(f"  {'measurement':<22}{'seconds':>9}{'x forward':>11}{'x pe_grad':>11}")
+        for key, sec in r["seconds"].items():
+            print(
+                f"  {key:<22}{sec:>9.3f}{r['ratio_to_forward'][key]:>11.2f}"
+                f"{r['ratio_to_pe_grad'][key]:>11.2f}"
+            )
+        for target, ok in r["targets"].items():
+            print(f"  {'MET ' if ok else 'MISS'} {target}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

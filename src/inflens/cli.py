@@ -1,0 +1,91 @@
+"""Command line: ``inflens demo`` and ``inflens reproduce NAME``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pkgutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+
+def _experiments() -> dict[str, ModuleType]:
+    """Experiment modules in :mod:`inflens.experiments` by their ``NAME``."""
+    from . import experiments
+
+    found: dict[str, ModuleType] = {}
+    for info in pkgutil.iter_modules(experiments.__path__):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{experiments.__name__}.{info.name}")
+        name = getattr(mod, "NAME", None)
+        if name and callable(getattr(mod, "run", None)):
+            found[name] = mod
+    return found
+
+
+def default_data_dir() -> Path | None:
+    """``INFLENS_DATA`` if set, else ``../shared/data`` next to the current folder if present."""
+    env = os.environ.get("INFLENS_DATA")
+    if env:
+        return Path(env)
+    guess = Path.cwd().parent / "shared" / "data"
+    return guess if guess.is_dir() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="inflens",
+        description="Influence functions for PyTorch models (Koh & Liang, ICML 2017).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser(
+        "demo",
+        help="explain a misclassified digit (scikit-learn digits, 10-class logistic regression)",
+    )
+    demo.add_argument("--out", type=Path, default=Path("inflens-demo"), help="output folder")
+    demo.add_argument("--loo", type=int, default=40, help="points to check by retraining")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    rep = sub.add_parser("reproduce", help="reproduce a figure of the paper on real data")
+    rep.add_argument("name", help="experiment name (see `inflens reproduce list`)")
+    rep.add_argument("--data-dir", type=Path, default=None, help="folder with the data sets")
+    rep.add_argument("--out", type=Path, default=None, help="output folder (default runs/NAME)")
+    rep.add_argument("--quick", action="store_true", help="small subsample, under a minute")
+    rep.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .experiments.demo import run_demo
+
+        run_demo(out=args.out, n_loo=args.loo, seed=args.seed, progress=not args.quiet)
+        return 0
+
+    exps = _experiments()
+    if args.name == "list":
+        for name in sorted(exps):
+            print(f"{name:14s} {getattr(exps[name], 'DESCRIPTION', '')}")
+        return 0
+    if args.name not in exps:
+        print(
+            f"inflens: unknown experiment {args.name!r}; available: {', '.join(sorted(exps))}",
+            file=sys.stderr,
+        )
+        return 2
+    data_dir = args.data_dir or default_data_dir()
+    out = args.out or Path("runs") / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = exps[args.name].run(
+        data_dir=data_dir, out=out, quick=args.quick, progress=not args.quiet
+    )
+    print(json.dumps(metrics, indent=2, default=str)[:4000])
+    print(f"figures and metrics.json written to {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,480 @@
+"""Figure 2, right: influence on a small non-convex CNN (damping 0.01) vs warm-started retraining.
+
+PROTOCOL 4.3. The all-convolutional tanh CNN (:class:`inflens.models.PaperCNN`) on the 10%
+MNIST subset (n = 5,500, permutation seed 0), cross-entropy + ``(l2/2)||w||^2`` with
+``l2 = 0.001`` on the weights, trained with Adam (batch 500, step-decayed learning rate) to a
+point theta-tilde that is not a minimum. For MNIST test image 6558 the predicted change of its
+test loss when training point ``i`` is removed is
+
+    ``pred_i = grad L(z_test)^T (H + damping I)^-1 (grad L(z_i) + l2 w) / n``
+
+with ``H`` the Hessian of the training objective at theta-tilde and damping 0.01 (Sec. 4.2),
+solved by CG. The 100 points with the largest ``|pred_i|`` are each removed and the network is
+retrained from theta-tilde *including its Adam state* (moments, step count, hence the decayed
+learning rate) for a fixed number of steps.
+
+Choices (documented in docs/reproduction/fig2-cnn.md):
+
+- **Weight-only L2, biases frozen.** The paper regularises weights but not biases, while
+  :class:`inflens.Objective` applies one ``l2`` to all of theta. theta is therefore the 2,556
+  weights; the 60 biases stay at their initial value 0 in training, retraining and influence,
+  so the Hessian used for influence is exactly that of the objective that was trained.
+- **Paired retraining.** Every retrain and a full-data continuation replay the same mini-batch
+  sequence (a seed-17 TensorFlow-style ``next_batch`` over all n indices); the removed point
+  simply gets weight 0 in the batches it falls into. ``actual`` is measured against
+  theta-tilde (as the paper) and against the continuation (drift removed); with paired batches
+  the two differ by the continuation's drift, a constant. The test-loss difference between two
+  continuations with different seeds (``unpaired_noise``) shows the batch-order noise an
+  unpaired protocol would add.
+
+Protocols (``run(..., protocol=...)`` or the environment variable ``INFLENS_FIG2_CNN_PROTOCOL``):
+``"full"`` is the paper's (500k training steps, 30k retraining steps; days on a CPU core),
+``"reduced"`` is a shortened schedule that runs in about half an hour of one CPU core (see
+:data:`PROTOCOLS`), ``"quick"`` is the CI smoke test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import grad
+
+from .. import Influence, Objective
+from ..datasets import load_mnist, mnist_paper_split, small_subset
+from ..errors import CurvatureError
+from ..models import PaperCNN
+from ..plots import new_figure, save_figure, scatter_predicted_actual
+from ..solvers import CG
+from ..train import fit_adam, piecewise_constant
+from ..validate import correlations, leave_one_out
+
+NAME = "fig2-cnn"
+DESCRIPTION = (
+    "Fig 2 right: CNN on 10% MNIST, damping 0.01, test image 6558, CG influence of the top 100 "
+    "vs warm-started Adam retraining (protocol: reduced by default)"
+)
+
+L2 = 0.001
+DAMPING = 0.01
+TEST_INDEX = 6558
+ENV_PROTOCOL = "INFLENS_FIG2_CNN_PROTOCOL"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One schedule of the experiment. Step counts are Adam steps of ``batch_size`` examples."""
+
+    name: str
+    train_steps: int
+    lr: float
+    boundaries: tuple[int, ...]  # learning rate = lr * factors[j] between boundaries
+    factors: tuple[float, ...]
+    retrain_steps: int  # continue from theta-tilde (and its Adam state) for this many steps
+    batch_size: int = 500
+    k: int = 100
+    n_train: int | None = None  # None: the 5,500-point subset; else its first n_train points
+    damping: float = DAMPING
+    curvature: str = "hessian"  # or "ggn" (positive semi-definite), see the module docstring
+    cg_tol: float = 1e-4  # relative residual; the predictions need far less than R's precision
+    cg_max_iter: int = 1000
+    init_seed: int = 0
+    train_seed: int = 0
+    retrain_seed: int = 17
+    note: str = ""
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "full": Protocol(
+        name="full",
+        train_steps=500_000,
+        lr=1e-4,
+        boundaries=(110_000, 220_000),
+        factors=(1.0, 0.1, 0.01),
+        retrain_steps=30_000,
+        cg_tol=1e-6,
+        note="PROTOCOL 4.3 as published: 500k Adam steps (lr 1e-4, x0.1 at 110k, x0.01 at "
+        "220k), retraining 30k steps at the decayed lr 1e-6",
+    ),
+    "reduced": Protocol(
+        name="reduced",
+        train_steps=4_000,
+        lr=1e-3,
+        boundaries=(3_000,),
+        factors=(1.0, 0.1),
+        retrain_steps=120,
+        note="125x fewer training steps: lr 1e-3 (10x the paper's) for 3,000 steps, then "
+        "1e-4; retraining 120 steps at that decayed lr (lr x steps = 0.012, paper 0.03); "
+        "about 13k Adam steps in all, ~30 min of one CPU core",
+    ),
+    "quick": Protocol(
+        name="quick",
+        train_steps=150,
+        lr=3e-3,
+        boundaries=(100,),
+        factors=(1.0, 0.1),
+        retrain_steps=10,
+        batch_size=50,
+        k=4,
+        n_train=300,
+        cg_tol=1e-2,
+        cg_max_iter=40,
+        note="CI smoke test on 300 training points",
+    ),
+}
+
+
+class PairedAdam:
+    """Warm-started Adam continuation on the training points of a ``keep`` mask.
+
+    Replays one mini-batch sequence (a TensorFlow-style ``next_batch``: sequential passes over a
+    seeded permutation of all ``n`` indices, reshuffled each epoch) whatever the mask, so that
+    every retrain and the full-data continuation see the same batches; removed points get
+    weight 0 in the batch mean. The Adam update is that of :func:`inflens.train.fit_adam`
+    (bias-corrected moments, ``eps`` added to ``sqrt(v_hat)``), resumed from ``state``.
+
+    Called as ``retrain(keep [n] bool, theta0 [p]) -> theta`` by
+    :func:`inflens.validate.leave_one_out`.
+    """
+
+    __name__ = "paired_adam"
+
+    def __init__(
+        self,
+        objective: Objective,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        state: dict[str, Any],
+        steps: int,
+        batch_size: int,
+        lr: float,
+        schedule: Any,
+        seed: int,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.obj, self.x, self.y = objective, x, y
+        self.state, self.steps, self.b = state, int(steps), int(batch_size)
+        self.lr, self.schedule, self.seed = lr, schedule, int(seed)
+        self.betas, self.eps = betas, eps
+        self.n = int(x.shape[0])
+        obj = objective
+
+        def risk(th: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor):
+            return (obj.losses(th, xb, yb) * wb).sum() / wb.sum() + obj.regularizer(th)
+
+        self._grad = grad(risk)
+
+    def batches(self) -> list[torch.Tensor]:
+        """The index batches of one continuation (identical for every call)."""
+        g = torch.Generator().manual_seed(self.seed)
+        perm, pos, out = torch.randperm(self.n, generator=g), 0, []
+        for _ in range(self.steps):
+            if pos + self.b <= self.n:
+                out.append(perm[pos : pos + self.b])
+                pos += self.b
+            else:  # a batch crossing the epoch end: the rest, then the next permutation
+                rest = perm[pos:]
+                perm = torch.randperm(self.n, generator=g)
+                pos = self.b - rest.numel()
+                out.append(torch.cat([rest, perm[:pos]]))
+            if pos == self.n:
+                perm, pos = torch.randperm(self.n, generator=g), 0
+        return out
+
+    def __call__(self, keep: torch.Tensor, theta0: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        t0 = time.perf_counter()
+        b1, b2 = self.betas
+        theta = theta0.detach().clone()
+        m = self.state["m"].detach().to(theta).clone()
+        v = self.state["v"].detach().to(theta).clone()
+        k0 = int(self.state["step"])
+        weight = keep.to(theta.dtype)
+        for j, idx in enumerate(self.batches()):
+            wb = weight[idx]
+            g = self._grad(theta, self.x[idx], self.y[idx], wb)
+            k = k0 + j + 1
+            rate = self.lr * (self.schedule(k - 1) if self.schedule is not None else 1.0)
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            theta = theta - rate * (m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + self.eps)
+        return theta, {"steps": self.steps, "seconds": time.perf_counter() - t0}
+
+
+def _fingerprint(cfg: Protocol) -> str:
+    keys = ("train_steps", "lr", "boundaries", "factors", "batch_size", "n_train", "init_seed")
+    return json.dumps({k: asdict(cfg)[k] for k in keys}, sort_keys=True)
+
+
+def _save_trained(path: Path, cfg: Protocol, theta: torch.Tensor, state: dict) -> None:
+    """theta-tilde and the Adam state (safetensors, no pickle), tagged with the schedule."""
+    from safetensors.torch import save_file
+
+    tensors = {"theta": theta, "m": state["m"], "v": state["v"]}
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    tensors["losses"] = torch.tensor(state.get("losses", []), dtype=torch.float64)
+    meta = {"protocol": _fingerprint(cfg), "step": str(int(state["step"]))}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _load_trained(path: Path, cfg: Protocol, p: int) -> tuple[torch.Tensor, dict] | None:
+    """The cached theta-tilde and Adam state if ``path`` holds one for this schedule."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("protocol") != _fingerprint(cfg):
+            return None
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    if t["theta"].shape != (p,):
+        return None
+    state = {"m": t["m"], "v": t["v"], "step": int(meta["step"]), "losses": t["losses"].tolist()}
+    return t["theta"], state
+
+
+def _train_risk(obj: Objective, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor) -> float:
+    with torch.no_grad():
+        total = sum(
+            float(obj.losses(theta, x[s : s + 1000], y[s : s + 1000]).sum())
+            for s in range(0, len(x), 1000)
+        )
+    return total / len(x) + float(obj.regularizer(theta))
+
+
+def _accuracy(obj: Objective, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor) -> float:
+    with torch.no_grad():
+        right = sum(
+            int((obj.outputs(theta, x[s : s + 1000]).argmax(1) == y[s : s + 1000]).sum())
+            for s in range(0, len(x), 1000)
+        )
+    return right / len(x)
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, flush=True)
+
+
+def run(
+    data_dir: Path | None,
+    out: Path,
+    quick: bool = False,
+    progress: bool = True,
+    protocol: str | None = None,
+) -> dict[str, Any]:
+    """Run the Fig. 2 (right) reproduction; writes ``fig2_cnn.png`` and ``metrics.json``.
+
+    Args:
+        data_dir: folder with MNIST (see :func:`inflens.datasets.load_mnist`).
+        out: output folder (``loo_checkpoint.json`` there makes the retraining resumable).
+        quick: the CI smoke test (protocol ``"quick"``).
+        progress: print progress.
+        protocol: ``"reduced"`` (default), ``"full"`` (the paper's 500k + 100 x 30k steps) or
+            ``"quick"``; default from ``$INFLENS_FIG2_CNN_PROTOCOL``, else ``"reduced"``.
+    """
+    t_start = time.perf_counter()
+    key = "quick" if quick else (protocol or os.environ.get(ENV_PROTOCOL) or "reduced")
+    if key not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {key!r}; use one of {', '.join(PROTOCOLS)}")
+    cfg = PROTOCOLS[key]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    split = mnist_paper_split(load_mnist(data_dir), dtype=np.float32)
+    small = small_subset(split, fraction=0.1, seed=0)
+    x = torch.from_numpy(small["x_train"])
+    y = torch.from_numpy(small["y_train"]).long()
+    if cfg.n_train is not None:
+        x, y = x[: cfg.n_train].contiguous(), y[: cfg.n_train].contiguous()
+    n = int(x.shape[0])
+    x_test_all = torch.from_numpy(split["x_test"])
+    y_test_all = torch.from_numpy(split["y_test"]).long()
+    test = (x_test_all[TEST_INDEX : TEST_INDEX + 1], y_test_all[TEST_INDEX : TEST_INDEX + 1])
+
+    # ---- model and objective: theta = the weights (biases frozen at 0), l2 on theta
+    model = PaperCNN(seed=cfg.init_seed, dtype=torch.float32)
+    obj = Objective(model, "cross_entropy", l2=L2, params=model.weight_names)
+    _log(
+        progress,
+        f"[{NAME}] protocol {cfg.name}: n={n}, theta = {obj.p} weights "
+        f"({sum(p.numel() for p in model.parameters())} parameters incl. frozen biases)",
+    )
+
+    # ---- train theta-tilde (or reload it from an earlier run of the same protocol)
+    t = time.perf_counter()
+    schedule = piecewise_constant(list(cfg.boundaries), list(cfg.factors))
+    cache = out / "theta_tilde.safetensors"
+    loaded = _load_trained(cache, cfg, obj.p)
+    if loaded is not None:
+        theta_tilde, state = loaded
+        _log(progress, f"  loaded theta-tilde and its Adam state from {cache}")
+    else:
+        theta_tilde, state = fit_adam(
+            obj,
+            (x, y),
+            cfg.train_steps,
+            cfg.batch_size,
+            cfg.lr,
+            schedule=schedule,
+            seed=cfg.train_seed,
+            return_state=True,
+            log_every=max(1, cfg.train_steps // 50),
+            progress=progress,
+        )
+        _save_trained(cache, cfg, theta_tilde, state)
+    timings["train"] = time.perf_counter() - t
+    obj.load_into_model(theta_tilde)
+    obj = Objective(model, "cross_entropy", l2=L2, params=model.weight_names)
+    train_risk = _train_risk(obj, x, y, obj.theta)
+    test_acc = _accuracy(obj, x_test_all, y_test_all, obj.theta)
+    train_acc = _accuracy(obj, x, y, obj.theta)
+    with torch.no_grad():
+        out_test = obj.outputs(obj.theta, test[0])
+        test_loss = float(obj.losses(obj.theta, *test)[0])
+    _log(
+        progress,
+        f"  trained {cfg.train_steps} steps in {timings['train']:.0f} s: train risk "
+        f"{train_risk:.4f}, train acc {train_acc:.4f}, test acc {test_acc:.4f}; test image "
+        f"{TEST_INDEX}: label {int(test[1][0])}, predicted {int(out_test.argmax())}, "
+        f"loss {test_loss:.4f}",
+    )
+
+    # ---- influence with damping (CG), scores for every training point
+    t = time.perf_counter()
+    curvature, indefinite = cfg.curvature, None
+    while True:
+        inf = Influence(
+            obj,
+            (x, y),
+            solver=CG(tol=cfg.cg_tol, max_iter=cfg.cg_max_iter),
+            damping=cfg.damping,
+            progress=progress,
+            curvature=curvature,
+        ).fit()
+        try:
+            s_test = inf.s_test(test)
+            break
+        except CurvatureError as exc:
+            if curvature == "ggn":
+                raise
+            # H + damping I is not positive definite at this theta-tilde (the paper reports
+            # that it was at its theta-tilde): fall back to the Gauss-Newton matrix, which is
+            # positive semi-definite, with the same damping, and say so in the metrics.
+            indefinite = str(exc)
+            _log(progress, f"  Hessian + damping is indefinite ({exc}); using the GGN instead")
+            curvature = "ggn"
+    pred_all = (-inf.score(s_test) / n)[0]
+    timings["influence"] = time.perf_counter() - t
+    diag = inf.diagnostics()
+    grad_norm = float(
+        grad(lambda th: obj.losses(th, x, y).mean() + obj.regularizer(th))(obj.theta).norm()
+    )
+    _log(
+        progress,
+        f"  CG: {max(diag['iterations'])} iterations, residual "
+        f"{max(diag['relative_residuals']):.1e}, {timings['influence']:.0f} s; "
+        f"||grad R(theta-tilde)|| = {grad_norm:.2e}",
+    )
+
+    # ---- leave-one-out by paired warm-started retraining
+    t = time.perf_counter()
+    retrain = PairedAdam(
+        obj, x, y, state, cfg.retrain_steps, cfg.batch_size, cfg.lr, schedule, cfg.retrain_seed
+    )
+    loo = leave_one_out(
+        inf,
+        test,
+        k=cfg.k,
+        select="top",
+        retrain=retrain,
+        predicted=pred_all,
+        seed=cfg.retrain_seed,
+        steps=cfg.retrain_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        checkpoint=out / "loo_checkpoint.json",
+        progress=progress,
+    )
+    timings["retrain"] = time.perf_counter() - t
+    # batch-order noise of an unpaired protocol: a continuation with another seed
+    other = PairedAdam(
+        obj, x, y, state, cfg.retrain_steps, cfg.batch_size, cfg.lr, schedule, cfg.retrain_seed + 1
+    )
+    theta_other, _ = other(torch.ones(n, dtype=torch.bool), obj.theta)
+    with torch.no_grad():
+        loss_other = float(obj.losses(theta_other, *test)[0])
+    unpaired_noise = loss_other - (loo.base_value + loo.reference_change)
+
+    actual = loo.actual.numpy()
+    actual_ref = loo.actual_vs_reference.numpy()
+    predicted = loo.predicted.numpy()
+    c_tilde = correlations(actual, predicted)
+    c_ref = correlations(actual_ref, predicted)
+    fig, axes = new_figure(2, 1, (3.8, 3.8))
+    scatter_predicted_actual(
+        actual, predicted, ax=axes[0], title=f"CNN vs theta-tilde ({cfg.name})"
+    )
+    scatter_predicted_actual(
+        actual_ref, predicted, ax=axes[1], title=f"CNN vs continuation ({cfg.name})"
+    )
+    save_figure(fig, out / "fig2_cnn.png", dpi=80)
+    timings["total"] = time.perf_counter() - t_start
+
+    metrics: dict[str, Any] = {
+        "experiment": NAME,
+        "protocol": asdict(cfg),
+        "n_train": n,
+        "p_theta": obj.p,
+        "p_model": sum(p.numel() for p in model.parameters()),
+        "l2": L2,
+        "damping": cfg.damping,
+        "curvature": curvature,
+        "hessian_indefinite": indefinite,
+        "test_index": TEST_INDEX,
+        "test_label": int(test[1][0]),
+        "test_predicted_label": int(out_test.argmax()),
+        "test_loss": test_loss,
+        "train_risk": train_risk,
+        "train_accuracy": train_acc,
+        "test_accuracy": test_acc,
+        "grad_norm_at_theta_tilde": grad_norm,
+        "train_loss_curve": [float(v) for v in state.get("losses", [])],
+        "cg": {
+            "iterations": max(diag["iterations"]),
+            "relative_residual": max(diag["relative_residuals"]),
+            "hessian_vector_products": diag.get("hessian_vector_products"),
+        },
+        "pearson_vs_theta_tilde": c_tilde["pearson"],
+        "pearson_vs_continuation": c_ref["pearson"],
+        "agreement_vs_theta_tilde": c_tilde,
+        "agreement_vs_continuation": c_ref,
+        "continuation_drift": loo.reference_change,
+        "unpaired_noise": unpaired_noise,
+        "min_abs_actual_vs_continuation": float(np.abs(actual_ref).min()),
+        "loo": {
+            "indices": [int(i) for i in loo.indices],
+            "predicted": predicted.tolist(),
+            "actual_vs_theta_tilde": actual.tolist(),
+            "actual_vs_continuation": actual_ref.tolist(),
+        },
+        "seconds": timings,
+        "figures": ["fig2_cnn.png"],
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _log(
+        progress,
+        f"[{NAME}] protocol {cfg.name}: Pearson R {c_tilde['pearson']:.4f} vs theta-tilde, "
+        f"{c_ref['pearson']:.4f} vs continuation (slope {c_ref['slope']:.3f}); drift "
+        f"{loo.reference_change:+.2e}, unpaired noise {unpaired_noise:+.2e}; "
+        f"{timings['total']:.0f} s",
+    )
+    return metrics

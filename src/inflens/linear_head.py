@@ -1,0 +1,157 @@
+"""Closed-form per-example gradients when theta is one top ``nn.Linear`` layer on frozen features.
+
+This is the paper's Inception setting (Sec. 5.1): a network is frozen and only its last
+linear layer is the parameter vector theta. For ``s_i = W phi_i + b`` with features ``phi_i``
+that do not depend on theta, the chain rule gives
+
+- ``grad_W l_i = e_i phi_i^T`` and ``grad_b l_i = e_i``, with the *output error*
+  ``e_i = d l_i / d s_i`` (``[C]``);
+- the directional derivative along ``v = (V_W, v_b)``: ``grad l_i . v = e_i . (V_W phi_i + v_b)``.
+
+One forward pass gives ``phi`` and ``s``; ``e`` is the gradient of the summed loss with respect
+to ``s`` alone (a backward pass through the loss only, not through the network). Per-example
+gradients are then an outer product and scores ``s_test . g_i`` are two small matrix products,
+without forming ``[B, p]`` at all.
+
+:func:`probe` decides whether an :class:`~inflens.objective.Objective` qualifies and checks
+the closed form against autograd on a few examples before it is used; anything unusual (a layer
+called twice, features with extra dimensions, a loss that mixes examples) falls back to
+autograd silently.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .objective import Objective
+
+
+class LinearHead:
+    """Per-example derivatives of an objective whose theta is the parameters of one Linear layer.
+
+    Args:
+        objective: the objective; ``objective.names`` must be ``<prefix>weight`` and/or
+            ``<prefix>bias`` of ``module``.
+        module: the ``nn.Linear`` whose parameters are theta.
+    """
+
+    def __init__(self, objective: Objective, module: nn.Linear, prefix: str) -> None:
+        self.objective = objective
+        self.module = module
+        # (kind, slice into theta) in theta's order
+        self.parts: list[tuple[str, slice]] = []
+        start = 0
+        for name, numel in zip(objective.names, objective.numels):
+            self.parts.append((name[len(prefix) :], slice(start, start + numel)))
+            start += numel
+        self.out_features = module.out_features
+        self.in_features = module.in_features
+
+    # ------------------------------------------------------------------ one forward pass
+    def features_and_errors(
+        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, which: str = "loss"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(phi [B, d], e [B, C])``: the layer's inputs and ``d l_i / d s_i`` at ``theta``.
+
+        Raises ``ValueError`` when the layer is not called exactly once on 2-D features.
+        """
+        obj = self.objective
+        seen: list[torch.Tensor] = []
+
+        def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            seen.append(inputs[0].detach())
+            s = output.detach().requires_grad_(True)
+            seen.append(s)
+            return s  # the rest of the forward now depends on theta only through this leaf
+
+        handle = self.module.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                fn = obj.losses if which == "loss" else obj.measurements
+                vals = fn(theta.detach(), x, y)
+                if len(seen) != 2:
+                    raise ValueError(f"the layer was called {len(seen) // 2} times")
+                phi, s = seen
+                if phi.ndim != 2 or s.ndim != 2:
+                    raise ValueError("the layer input is not [batch, features]")
+                (e,) = torch.autograd.grad(vals.sum(), s, allow_unused=True)
+        finally:
+            handle.remove()
+        if e is None:
+            e = torch.zeros_like(s)
+        return phi, e.detach()
+
+    # ------------------------------------------------------------------ closed forms
+    def per_example_grads(
+        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        """``[B, p]``: ``e_i phi_i^T`` for the weight and ``e_i`` for the bias, in theta's order."""
+        phi, e = self.features_and_errors(theta, x, y, which)
+        cols = []
+        for kind, _ in self.parts:
+            if kind == "weight":
+                cols.append((e[:, :, None] * phi[:, None, :]).reshape(e.shape[0], -1))
+            else:
+                cols.append(e)
+        return torch.cat(cols, 1)
+
+    def loss_jvp(
+        self,
+        vecs: torch.Tensor,
+        theta: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        which: str = "loss",
+    ) -> torch.Tensor:
+        """``[k, B]``: ``grad l_i . v_j = e_i . (V_W,j phi_i + v_b,j)`` (two matrix products)."""
+        phi, e = self.features_and_errors(theta, x, y, which)
+        return self.directional(vecs, phi, e)
+
+    def directional(self, vecs: torch.Tensor, phi: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """``[k, B]`` directional derivatives from precomputed features and output errors."""
+        k, c = vecs.shape[0], self.out_features
+        out = e.new_zeros(k, e.shape[0])
+        for kind, sl in self.parts:
+            v = vecs[:, sl]
+            if kind == "weight":
+                # [B, d] @ [d, k*C] -> [B, k, C], contracted with e over C
+                z = (phi @ v.reshape(k * c, -1).T).view(-1, k, c)
+                out += torch.einsum("bkc,bc->kb", z, e)
+            else:
+                out += v @ e.T
+        return out
+
+
+def probe(objective: Objective, x: torch.Tensor, y: torch.Tensor) -> LinearHead | None:
+    """A :class:`LinearHead` when theta is one ``nn.Linear`` on frozen 2-D features, else None.
+
+    The closed form is accepted only if it reproduces the autograd per-example gradients of
+    the first (at most four) examples of ``x`` to round-off.
+    """
+    names = objective.names
+    prefix = names[0].rpartition(".")[0]
+    prefix = prefix + "." if prefix else ""
+    if not all(n in (prefix + "weight", prefix + "bias") for n in names):
+        return None
+    try:
+        module = objective.model.get_submodule(prefix[:-1]) if prefix else objective.model
+    except AttributeError:
+        return None
+    if type(module) is not nn.Linear:  # subclasses may override forward
+        return None
+    head = LinearHead(objective, module, prefix)
+    xs, ys = x[:4], y[:4]
+    try:
+        closed = head.per_example_grads(objective.theta, xs, ys)
+    except (ValueError, RuntimeError):
+        return None
+    auto = objective._per_example_grads_autograd(xs, ys, "loss", objective.theta)
+    eps = torch.finfo(objective.dtype).eps
+    scale = float(auto.abs().max()) + eps
+    if closed.shape != auto.shape or float((closed - auto).abs().max()) > 1e3 * eps * scale:
+        return None
+    return head

@@ -1,0 +1,34 @@
+"""`inflens reproduce fig5 --quick`: training-set attacks on frozen-CNN features (CIFAR dog/frog)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from inflens.experiments import fig5
+
+
+def test_fig5_quick(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not (shared_data / "cifar10_animals").is_dir():
+        pytest.skip("cifar10_animals is not in the shared data")
+    monkeypatch.setenv("INFLENS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    m = fig5.run(shared_data, out, quick=True, progress=False)
+    assert (out / "fig5.png").stat().st_size > 10_000
+    assert json.loads((out / "metrics.json").read_text())["experiment"] == "fig5"
+    for name, t in m["individual"].items():
+        assert t["n_attacked"] == 2, name
+        assert 0 <= t["flipped_with_1"] <= t["flipped_with_at_most_2"]
+        assert t["flipped_with_at_most_2"] <= t["flipped_with_at_most_10"] <= 2
+        lines = (out / m["individual_logs"][name]).read_text().splitlines()
+        assert len(lines) == 2
+        for row in map(json.loads, lines):
+            for a in row["attempts"]:
+                # the box: at most box_levels 8-bit levels per pixel
+                assert a["pixel_linf_levels"] <= t["box_levels"] + 1e-4
+    multi = m["multi_target"]
+    assert multi["n_targets"] == 30 and 0 <= multi["n_flipped"] <= multi["n_initially_correct"]
+    assert multi["pixel_linf_levels"] <= 0.5 + 1e-4
+    assert multi["loss_after"] > multi["loss_before"]  # the attack raises the target loss

@@ -1,0 +1,70 @@
+"""``inflens.curvature.Curvature``: matrix-free ``(H + damping I) v`` vs an explicit Hessian."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import inflens
+from cases import Fitted, rel_err
+from inflens.curvature import Curvature, auto_chunk_size
+from inflens.data import Data
+from inflens.errors import InputError
+
+DT = torch.float64
+
+
+def _curv(case: Fitted, damping: float = 0.0, chunk: int | None = None, data=None) -> Curvature:
+    c = case.case
+    obj = inflens.Objective(case.fresh_model(), c.loss, l2=c.l2, params=c.params, t=c.t)
+    return Curvature(obj, Data(data or (case.x, case.y)), damping, chunk, progress=False)
+
+
+@pytest.mark.parametrize("chunk", [7, None])
+def test_matvec_and_dense_match_explicit_hessian(case: Fitted, chunk: int | None) -> None:
+    damping = 0.3
+    curv = _curv(case, damping, chunk)
+    a = case.hess + damping * torch.eye(curv.p, dtype=DT)
+    v = torch.randn(3, curv.p, generator=torch.Generator().manual_seed(0), dtype=DT)
+    assert rel_err(curv.matvec(v), v @ a) < 1e-12
+    assert rel_err(curv.matvec(v[1]), a @ v[1]) < 1e-12
+    assert curv.num_matvecs == 4
+    dense = curv.dense(block=5)
+    assert torch.equal(dense, dense.T)
+    assert rel_err(dense, a) < 1e-12
+    assert curv.shift == pytest.approx(case.case.l2 + damping)
+
+
+def test_dataset_gives_the_same_products(case: Fitted) -> None:
+    v = torch.randn(2, case.theta.numel(), generator=torch.Generator().manual_seed(1), dtype=DT)
+    a = _curv(case, 0.0, 4).matvec(v)
+    b = _curv(case, 0.0, 4, data=TensorDataset(case.x, case.y)).matvec(v)
+    torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+
+
+def test_batch_matvec_is_the_minibatch_hessian(case: Fitted) -> None:
+    curv = _curv(case, 0.1)
+    xb, yb = case.x[3:8], case.y[3:8]
+    hb = case.ref.hessian(case.theta, xb, yb) + 0.1 * torch.eye(curv.p, dtype=DT)
+    v = torch.randn(2, curv.p, generator=torch.Generator().manual_seed(2), dtype=DT)
+    assert rel_err(curv.batch_matvec(v, xb, yb), v @ hb) < 1e-12
+
+
+def test_top_eigenvalue(case: Fitted) -> None:
+    curv = _curv(case, 0.2)
+    want = float(torch.linalg.eigvalsh(case.hess)[-1]) + 0.2
+    assert curv.top_eigenvalue(iters=500, rtol=1e-12) == pytest.approx(want, rel=1e-6)
+    # the default (few iterations) is a rough estimate from below, within a few percent here
+    est = curv.top_eigenvalue()
+    assert 0.9 * want <= est <= want * (1 + 1e-12)
+
+
+def test_bad_damping_and_chunk_budget() -> None:
+    obj = inflens.Objective(torch.nn.Linear(3, 1).to(DT), "mse")
+    data = Data((torch.zeros(5, 3, dtype=DT), torch.zeros(5, 1, dtype=DT)))
+    with pytest.raises(InputError, match="damping must be a non-negative"):
+        Curvature(obj, data, damping=-1.0)
+    assert auto_chunk_size(10_000, 1000, 8, budget_bytes=8 * 1000 * 64) == 64
+    assert auto_chunk_size(10, 1000, 8, budget_bytes=8 * 1000 * 64) == 10
+    assert auto_chunk_size(10, 10**9, 8) == 1

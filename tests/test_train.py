@@ -1,0 +1,231 @@
+"""Trainers: L-BFGS to a gradient tolerance, Adam (deterministic, resumable), exact linear SVM.
+
+References are independent of inflens: Newton's method with the closed-form logistic gradient
+and Hessian (PROTOCOL 1.7) and the SVM dual QP solved by scipy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from inflens import Objective
+from inflens.errors import InflensWarning, InputError, SolverDivergedError
+from inflens.models import LinearSVM, LogisticRegression
+from inflens.train import (
+    _Batches,
+    fit_adam,
+    fit_lbfgs,
+    fit_linear_svm,
+    loo_weights,
+    piecewise_constant,
+)
+
+DT = torch.float64
+
+
+def _data(n: int = 50, d: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=DT)
+    y = (x[:, 0] - x[:, 1] + 0.7 * torch.randn(n, generator=g, dtype=DT) > 0).long()
+    return x, y
+
+
+def _newton_logreg(x: torch.Tensor, y01: torch.Tensor, l2: float, w=None) -> torch.Tensor:
+    """Newton's method on mean_i w_i log(1+exp(-y x.theta)) + l2/2 |theta|^2 (closed forms)."""
+    n, d = x.shape
+    y = 2.0 * y01.to(DT) - 1
+    w = torch.ones(n, dtype=DT) if w is None else w
+    theta = torch.zeros(d, dtype=DT)
+    for _ in range(50):
+        m = y * (x @ theta)
+        s = torch.sigmoid(-m)
+        g = -(w * s * y) @ x / n + l2 * theta
+        h = (x.T * (w * s * (1 - s))) @ x / n + l2 * torch.eye(d, dtype=DT)
+        theta = theta - torch.linalg.solve(h, g)
+        if g.norm() < 1e-15:
+            break
+    return theta
+
+
+def _logreg(d: int, l2: float) -> Objective:
+    return Objective(LogisticRegression(d, 1, dtype=DT), "binary_logistic", l2=l2)
+
+
+def test_fit_lbfgs_reaches_the_newton_optimum_to_tolerance() -> None:
+    x, y = _data()
+    obj = _logreg(4, 0.05)
+    theta, info = fit_lbfgs(obj, (x, y), tol=1e-12, return_info=True)
+    assert info.converged and info.grad_norm <= 1e-12 and info.iterations > 0
+    ref = _newton_logreg(x, y, 0.05)
+    # strong convexity: |theta - theta*| <= |grad| / l2
+    assert float((theta - ref).norm()) <= 1e-12 / 0.05 * 10
+    # the model is untouched unless load=True
+    assert torch.count_nonzero(obj.model.linear.weight) == 0
+    fit_lbfgs(obj, (x, y), tol=1e-12, load=True)
+    torch.testing.assert_close(obj.theta, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(obj.model.linear.weight[0].detach(), ref, atol=1e-10, rtol=0)
+
+
+def test_fit_lbfgs_weights_remove_a_point_with_l2_relative_to_n_minus_1() -> None:
+    x, y = _data()
+    obj = _logreg(4, 0.05)
+    keep = torch.ones(50, dtype=torch.bool)
+    keep[7] = False
+    w = loo_weights(50, 7)
+    assert w[7] == 0 and math.isclose(float(w.sum()), 50.0)
+    loo = fit_lbfgs(obj, (x, y), weights=w, tol=1e-12)
+    subset = fit_lbfgs(obj, (x[keep], y[keep]), tol=1e-12)
+    torch.testing.assert_close(loo, subset, atol=1e-10, rtol=0)
+    torch.testing.assert_close(loo, _newton_logreg(x[keep], y[keep], 0.05), atol=1e-10, rtol=0)
+
+
+def test_fit_lbfgs_chunking_and_per_parameter_l2() -> None:
+    x, y = _data(n=64)
+    obj = _logreg(4, 0.05)
+    a = fit_lbfgs(obj, (x, y), tol=1e-12)
+    b = fit_lbfgs(obj, (x, y), tol=1e-12, batch_size=7)
+    torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    # per-parameter l2 equal to the scalar gives the same optimum
+    c = fit_lbfgs(obj, (x, y), tol=1e-12, l2=torch.full((4,), 0.05, dtype=DT))
+    torch.testing.assert_close(a, c, atol=1e-10, rtol=0)
+
+
+def test_fit_lbfgs_reports_non_convergence() -> None:
+    x, y = _data()
+    obj = _logreg(4, 0.05)
+    with pytest.warns(InflensWarning, match="gradient norm"):
+        _, info = fit_lbfgs(obj, (x, y), tol=1e-12, max_iter=1, return_info=True)
+    assert not info.converged
+    with pytest.raises(SolverDivergedError):
+        fit_lbfgs(obj, (x, y), tol=1e-12, max_iter=1, on_fail="raise")
+    with pytest.raises(InputError):
+        fit_lbfgs(obj, (x, y), weights=torch.ones(3))
+
+
+def test_batches_cover_each_epoch_once_and_cross_epochs_like_tensorflow() -> None:
+    g = torch.Generator().manual_seed(0)
+    b = _Batches(12, 4, g)
+    epoch = torch.cat([b.next() for _ in range(3)])
+    assert sorted(epoch.tolist()) == list(range(12))
+    b = _Batches(10, 4, torch.Generator().manual_seed(0))
+    first = torch.cat([b.next(), b.next()])
+    crossing = b.next()  # 2 left in the epoch + 2 of the next one
+    assert len(set(first.tolist()) | set(crossing[:2].tolist())) == 10
+    assert crossing.numel() == 4
+
+
+def test_fit_adam_is_deterministic_under_a_seed() -> None:
+    x, y = _data()
+    obj = _logreg(4, 0.05)
+    a = fit_adam(obj, (x, y), 30, 8, 0.05, seed=3)
+    b = fit_adam(obj, (x, y), 30, 8, 0.05, seed=3)
+    c = fit_adam(obj, (x, y), 30, 8, 0.05, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_fit_adam_resumes_from_its_state() -> None:
+    """Full-batch steps (order irrelevant): 5 + 5 steps with the state == 10 steps."""
+    x, y = _data()
+    obj = _logreg(4, 0.05)
+    sched = piecewise_constant([4], [1.0, 0.5])
+    whole = fit_adam(obj, (x, y), 10, 50, 0.05, schedule=sched)
+    half, st = fit_adam(obj, (x, y), 5, 50, 0.05, schedule=sched, return_state=True)
+    assert st["step"] == 5
+    rest = fit_adam(obj, (x, y), 5, 50, 0.05, schedule=sched, theta0=half, state=st)
+    torch.testing.assert_close(rest, whole, atol=1e-14, rtol=0)
+
+
+def test_fit_adam_schedule_and_subset() -> None:
+    x, y = _data()
+    obj = _logreg(4, 0.05)
+    stop = piecewise_constant([5], [1.0, 0.0])  # lr 0 from step 5 on
+    assert stop(4) == 1.0 and stop(5) == 0.0
+    torch.testing.assert_close(
+        fit_adam(obj, (x, y), 12, 50, 0.05, schedule=stop),
+        fit_adam(obj, (x, y), 5, 50, 0.05),
+    )
+    keep = torch.arange(50) != 3
+    torch.testing.assert_close(
+        fit_adam(obj, (x, y), 6, 49, 0.05, subset=keep),
+        fit_adam(obj, (x[keep], y[keep]), 6, 49, 0.05),
+    )
+
+
+def test_fit_adam_converges_to_the_convex_optimum() -> None:
+    x, y = _data()
+    obj = _logreg(4, 0.05)
+    sched = piecewise_constant([300, 450], [1.0, 0.1, 0.01])
+    theta, st = fit_adam(obj, (x, y), 600, 50, 0.05, sched, return_state=True, log_every=100)
+    ref = _newton_logreg(x, y, 0.05)
+    assert float((theta - ref).norm()) < 1e-3
+    assert st["losses"][-1] <= st["losses"][0]
+
+
+def _svm_dual_reference(x: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
+    """max_a mean(a) - |sum a y x|^2 / (2 l2 n^2), 0 <= a <= 1, by scipy; returns w(a)."""
+    from scipy.optimize import minimize
+
+    n = len(y)
+    yx = y[:, None] * x
+    k = yx @ yx.T
+
+    def f(a):
+        return -a.mean() + a @ k @ a / (2 * l2 * n * n)
+
+    def df(a):
+        return -np.ones(n) / n + k @ a / (l2 * n * n)
+
+    res = minimize(
+        f,
+        np.full(n, 0.5),
+        jac=df,
+        bounds=[(0, 1)] * n,
+        method="L-BFGS-B",
+        options={"ftol": 1e-15, "gtol": 1e-13, "maxiter": 10000},
+    )
+    return (res.x * y) @ x / (l2 * n)
+
+
+def test_fit_linear_svm_matches_the_dual_qp_and_certifies_itself() -> None:
+    g = np.random.RandomState(0)
+    x = g.randn(40, 3)
+    y = np.where(x[:, 0] + 0.5 * g.randn(40) > 0, 1.0, -1.0)
+    l2 = 0.1
+    w, info = fit_linear_svm(x, y, l2, return_info=True)
+    ref = _svm_dual_reference(x, y, l2)
+    np.testing.assert_allclose(w.numpy(), ref, atol=1e-5)
+    assert info.extra["duality_gap"] < 1e-12
+    assert info.extra["w_error_bound"] < 1e-5
+
+    # primal objective no larger than the reference's
+    def primal(v):
+        return np.maximum(0, 1 - y * (x @ v)).mean() + 0.5 * l2 * v @ v
+
+    assert primal(w.numpy()) <= primal(ref) + 1e-12
+    # labels {0,1} are the same problem; the keep-mask is a subset with C = 1/(n_kept l2)
+    w01 = fit_linear_svm(x, (y > 0).astype(int), l2)
+    torch.testing.assert_close(w01, w)
+    keep = np.arange(40) != 5
+    torch.testing.assert_close(
+        fit_linear_svm(x, y, l2, weights_mask=keep), fit_linear_svm(x[keep], y[keep], l2)
+    )
+
+
+def test_fit_linear_svm_gives_the_weights_of_a_linear_svm_model() -> None:
+    g = np.random.RandomState(1)
+    x = g.randn(30, 2)
+    y = np.where(x[:, 1] > 0, 1, -1)
+    w = fit_linear_svm(x, y, 0.05)
+    model = LinearSVM(2, dtype=DT)
+    obj = Objective(model, "hinge", l2=0.05)
+    obj.load_into_model(w)
+    risk = float(obj.risk(w, torch.from_numpy(x), torch.from_numpy(y)))
+    for _ in range(20):  # no random perturbation lowers the (convex) primal objective
+        v = w + 1e-3 * torch.from_numpy(g.randn(2))
+        assert float(obj.risk(v, torch.from_numpy(x), torch.from_numpy(y))) >= risk - 1e-12
+    with pytest.raises(InputError, match="both classes"):
+        fit_linear_svm(x, np.ones(30), 0.05)
