@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import DT, MLP, Reference, fitted, rel_err
 from torch import nn
 from torch.func import functional_call, jacrev
 
+from cases import DT, MLP, Reference, fitted, rel_err
 from inflens import Influence, InputError, Objective
 from inflens.curvature import Curvature
 from inflens.data import Data

@@ -229,3 +229,37 @@ def test_fit_linear_svm_gives_the_weights_of_a_linear_svm_model() -> None:
         assert float(obj.risk(v, torch.from_numpy(x), torch.from_numpy(y))) >= risk - 1e-12
     with pytest.raises(InputError, match="both classes"):
         fit_linear_svm(x, np.ones(30), 0.05)
+
+
+def test_fit_newton_reaches_the_exact_leave_one_out_optimum():
+    """Chord-Newton refits (preconditioned by H^-1 at theta-hat) reach ||grad|| <= 1e-12 and the
+    same optimum as an independent reference Newton solve on the n-1 points."""
+    import inflens
+    from inflens.train import fit_newton, loo_weights
+
+    torch.manual_seed(3)
+    n, d = 120, 4
+    x = torch.randn(n, d, dtype=torch.float64)
+    y = (
+        torch.rand(n, dtype=torch.float64) < torch.sigmoid(x @ torch.randn(d, dtype=torch.float64))
+    ).long()
+    model = torch.nn.Linear(d, 1, bias=False).double()
+    obj = inflens.Objective(model, "binary_logistic", l2=0.05)
+    theta = fit_lbfgs(obj, (x, y), tol=1e-12)
+    obj.load_into_model(theta)
+    obj = inflens.Objective(model, "binary_logistic", l2=0.05)
+    inf = inflens.Influence(obj, (x, y), solver="exact", progress=False).fit()
+    theta_loo, info = fit_newton(obj, (x, y), inf.solver.solve, obj.theta, loo_weights(n, 7))
+    assert info.converged and info.grad_norm <= 1e-12
+    # independent reference: plain Newton with the explicit Hessian on the 119 kept points
+    keep = torch.arange(n) != 7
+    xk, yk = x[keep], 2.0 * y[keep] - 1
+    w = obj.theta.clone()
+    for _ in range(30):
+        s = xk @ w
+        g = -(torch.sigmoid(-yk * s) * yk) @ xk / (n - 1) + 0.05 * w
+        p = torch.sigmoid(s)
+        h = (xk.T * (p * (1 - p))) @ xk / (n - 1) + 0.05 * torch.eye(d, dtype=torch.float64)
+        w = w - torch.linalg.solve(h, g)
+    assert torch.allclose(theta_loo, w, rtol=0, atol=1e-11)
+    assert not torch.allclose(theta_loo, obj.theta, atol=1e-6)  # removing the point did move it

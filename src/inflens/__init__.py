@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from . import losses, solvers
+from . import losses, models, solvers, train, validate
+from .apps import attack
 from .errors import (
     CurvatureError,
     InflensError,
@@ -35,6 +36,10 @@ __all__ = [
     "Objective",
     "SolverDivergedError",
     "VmapError",
+    "attack",
     "losses",
+    "models",
     "solvers",
+    "train",
+    "validate",
 ]

@@ -99,14 +99,23 @@ class FeatureModel(nn.Module):
 
 # ----------------------------------------------------------------------------------- small CNN
 class SmallCNN(nn.Module):
-    """Three conv-BN-ReLU-maxpool blocks and a global average pool: ``[B, 3, H, W] -> [B, d]``.
+    """Three conv-BN-ReLU-maxpool blocks: ``[B, 3, H, W] -> [B, d]``.
 
     Widths 32, 48 and ``features`` (default 64) with 3x3 kernels; about 12 MFLOPs per 32x32
-    image, so that input gradients of many images stay cheap on a CPU. The output is the
-    average-pooled last ReLU map (non-negative), like Inception v3's pooled features.
+    image, so that input gradients of many images stay cheap on a CPU.
+
+    Args:
+        features: channels of the last block.
+        widths: channels of the first blocks.
+        readout: ``"mean"``: average-pool the last ReLU map, ``d = features`` (how the network
+            is trained, like Inception v3's pooled features); ``"flatten"``: the whole last map,
+            ``d = features * (H / 8) * (W / 8)`` (1,024 values for 32x32 images). The readout
+            can be changed after training (``net.readout = "flatten"``).
     """
 
-    def __init__(self, features: int = 64, widths: Sequence[int] = (32, 48)) -> None:
+    def __init__(
+        self, features: int = 64, widths: Sequence[int] = (32, 48), readout: str = "mean"
+    ) -> None:
         super().__init__()
         if int(features) < 1:
             raise InputError(f"features must be a positive integer, got {features}")
@@ -121,12 +130,24 @@ class SmallCNN(nn.Module):
             ]
         self.body = nn.Sequential(*layers)
         self.dim = int(features)
+        self.readout = readout
         self.config = {"features": int(features), "widths": [int(w) for w in widths]}
+
+    @property
+    def readout(self) -> str:
+        return self._readout
+
+    @readout.setter
+    def readout(self, value: str) -> None:
+        if value not in ("mean", "flatten"):
+            raise InputError(f"readout must be 'mean' or 'flatten', got {value!r}")
+        self._readout = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise InputError(f"SmallCNN expects images [B, 3, H, W], got {tuple(x.shape)}")
-        return self.body(x).mean(dim=(2, 3))
+        m = self.body(x)
+        return m.mean(dim=(2, 3)) if self._readout == "mean" else m.flatten(1)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -169,7 +190,9 @@ def train_feature_cnn(
         The frozen extractor and ``info`` (epochs, final training loss and accuracy, seconds).
     """
     if x.ndim != 4 or x.shape[0] != y.shape[0]:
-        raise InputError(f"need images [N, 3, H, W] and N labels, got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise InputError(
+            f"need images [N, 3, H, W] and N labels, got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
     y = y.long()
     classes = int(y.max()) + 1
     torch.manual_seed(seed)  # initial weights

@@ -44,7 +44,8 @@ class Influence:
             :mod:`inflens.solvers`.
         damping: ``delta >= 0`` added to ``H`` in every solver (Sec. 4.2).
         batch_size: examples per vectorised chunk (``None``: from a 128 MiB budget for the
-            ``[chunk, p]`` per-example gradients). Results do not depend on it.
+            ``[chunk, p]`` per-example gradients, at most 1024 on a CPU where larger chunks
+            run slower). Results do not depend on it.
         progress: show progress bars on passes over the training set.
         scoring: how training points are scored against ``k`` s_test vectors: ``"jvp"``
             (forward-mode directional derivatives, no per-example gradients; best for few test
@@ -100,6 +101,7 @@ class Influence:
         obj = self.objective
         curv = self.curvature_class(obj, self.train, self.damping, self.batch_size, self.progress)
         curv.curvature = self.curvature  # set after construction: subclasses keep their signature
+        self.__dict__.pop("scoring_costs_", None)  # re-measured on the next auto scoring pass
         n_classes = None
         seen: set[int] = set()  # binary label values over all chunks (to refuse a 0/-1 mix)
         for start, x, y in curv.chunks(desc="Checking data", check=True):
@@ -240,8 +242,9 @@ class Influence:
         return cost["jvp_fixed_s"] + cost["jvp_per_vector_s"] * k < cost["per_example_grad_s"]
 
     def _scoring_costs(self) -> dict[str, float] | None:
-        if getattr(self, "scoring_costs_", None) is not None:
+        if hasattr(self, "scoring_costs_"):
             return self.scoring_costs_
+        self.scoring_costs_: dict[str, float] | None = None
         obj = self.objective
         x, y = self._get_train(torch.arange(min(self._PROBE, self.n)))
         if obj.linear_head(x, y) is not None:

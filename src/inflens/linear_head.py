@@ -1,8 +1,9 @@
-"""Closed-form per-example gradients when theta is one top ``nn.Linear`` layer on frozen features.
+"""Closed-form per-example gradients when theta is one ``nn.Linear`` layer of a frozen network.
 
 This is the paper's Inception setting (Sec. 5.1): a network is frozen and only its last
 linear layer is the parameter vector theta. For ``s_i = W phi_i + b`` with features ``phi_i``
-that do not depend on theta, the chain rule gives
+that do not depend on theta (and any frozen, per-example computation after the layer), the
+chain rule gives
 
 - ``grad_W l_i = e_i phi_i^T`` and ``grad_b l_i = e_i``, with the *output error*
   ``e_i = d l_i / d s_i`` (``[C]``);

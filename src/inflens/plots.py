@@ -57,6 +57,7 @@ def scatter_predicted_actual(
     ylabel: str = "Predicted diff in loss",
     annotate: bool = True,
     limit: float | None = None,
+    equal_axes: bool = True,
 ) -> Axes:
     """Scatter of predicted (y) against actual (x) changes with the ``y = x`` line.
 
@@ -68,6 +69,8 @@ def scatter_predicted_actual(
         colors: optional per-point colours.
         annotate: write Pearson's R and Spearman's rho in the corner.
         limit: symmetric axis limit (default: from the data, equal on both axes).
+        equal_axes: same limits on both axes; ``False`` gives each axis its own symmetric
+            limit (useful when the predictions are off by an order of magnitude).
 
     Returns:
         The axes.
@@ -79,11 +82,18 @@ def scatter_predicted_actual(
     if ax is None:
         fig, (ax,) = new_figure(1, 1, (4.2, 4.2))
     ax.scatter(a, p, s=10, c=colors if colors is not None else "tab:blue", alpha=0.7, lw=0)
-    lim = limit if limit is not None else 1.05 * float(max(np.abs(a).max(), np.abs(p).max(), 1e-12))
-    ax.plot([-lim, lim], [-lim, lim], color="0.4", lw=0.8, ls="--", label="y = x")
-    ax.set_xlim(-lim, lim)
-    ax.set_ylim(-lim, lim)
-    ax.set_aspect("equal")
+    if equal_axes:
+        lim = float(max(np.abs(a).max(), np.abs(p).max(), 1e-12))
+        xlim = ylim = limit if limit is not None else 1.05 * lim
+    else:
+        xlim = 1.05 * float(max(np.abs(a).max(), 1e-12))
+        ylim = 1.05 * float(max(np.abs(p).max(), 1e-12))
+    big = max(xlim, ylim)
+    ax.plot([-big, big], [-big, big], color="0.4", lw=0.8, ls="--", label="y = x")
+    ax.set_xlim(-xlim, xlim)
+    ax.set_ylim(-ylim, ylim)
+    if equal_axes:
+        ax.set_aspect("equal")
     ax.axhline(0, color="0.85", lw=0.5, zorder=0)
     ax.axvline(0, color="0.85", lw=0.5, zorder=0)
     ax.set_xlabel(xlabel)

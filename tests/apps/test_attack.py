@@ -211,3 +211,26 @@ def test_input_errors() -> None:
         TrainingSetAttack(obj, (torch.zeros(12, 3, 8, 8, dtype=torch.uint8), train[1]))
     with pytest.raises(InputError, match="retrain"):
         TrainingSetAttack(obj, train, retrain="sgd")
+
+
+def test_logistic_engine_solves_with_a_stale_preconditioner() -> None:
+    """PCG preconditioned by H at another theta, and the direct fallback, equal a dense solve."""
+    from inflens.apps.attack import _LogisticEngine
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(60, 10, generator=g, dtype=DT)
+    theta_a = torch.randn(10, generator=g, dtype=DT)
+    theta_b = theta_a + 0.05 * torch.randn(10, generator=g, dtype=DT)
+    b = torch.randn(2, 10, generator=g, dtype=DT)
+
+    def dense(theta):
+        z = f @ theta
+        w = torch.sigmoid(z) * torch.sigmoid(-z)
+        return f.T @ (w[:, None] * f) / 60 + L2 * torch.eye(10, dtype=DT)
+
+    for max_pcg in (30, 0):  # 0: the preconditioner counts as stale, direct fallback
+        eng = _LogisticEngine(L2, 0.0, 1e-12, max_pcg=max_pcg)
+        eng._solve(theta_a, f, b, L2)  # factor at theta_a
+        x = eng._solve(theta_b, f, b, L2)
+        torch.testing.assert_close(x, torch.linalg.solve(dense(theta_b), b.T).T, rtol=1e-10, atol=0)
+    assert eng.stats["factorizations"] == 2

@@ -138,7 +138,7 @@ def test_simulation_ground_truths() -> None:
         methods={"oracle": oracle, "influence": "influence", "loss": "loss", "random": "random"},
         repeats=2,
         seed=5,
-        tol=1e-11,
+        tol=1e-9,
         max_iter=5000,
         progress=False,
     )
@@ -150,11 +150,11 @@ def test_simulation_ground_truths() -> None:
         assert (np.diff(f, axis=1) >= 0).all() and (f <= 16).all()
         # checking every point fixes every flip: the refit is the clean model
         assert (f[:, -1] == 16).all()
-        np.testing.assert_allclose(res.test_loss[m][:, -1], res.clean_test_loss, rtol=1e-7)
+        np.testing.assert_allclose(res.test_loss[m][:, -1], res.clean_test_loss, rtol=1e-6)
         np.testing.assert_allclose(res.accuracy[m][:, -1], res.clean_accuracy)
     assert res.clean_accuracy == 1.0  # the test labels are the clean model's predictions
     # fixing all flips after checking 16 points also gives back the clean model
-    np.testing.assert_allclose(res.test_loss["oracle"][:, 1], res.clean_test_loss, rtol=1e-7)
+    np.testing.assert_allclose(res.test_loss["oracle"][:, 1], res.clean_test_loss, rtol=1e-6)
     s = res.summary()
     acc = np.concatenate([res.flipped_accuracy[:, None], res.accuracy["loss"]], 1)
     np.testing.assert_allclose(s["methods"]["loss"]["accuracy"], acc.mean(0))

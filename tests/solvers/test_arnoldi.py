@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
-from cases import DT, fitted, rel_err
 from torch import nn
 
-from inflens import CurvatureError, Influence, InflensWarning, InputError, Objective
+from cases import DT, fitted, rel_err
+from inflens import CurvatureError, InflensWarning, Influence, InputError, Objective
 from inflens.solvers import Arnoldi, Exact
 
 

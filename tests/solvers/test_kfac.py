@@ -17,11 +17,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import DT, MLP, Reference, fitted, rel_err
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from inflens import Influence, InflensWarning, InputError, Objective
+from cases import DT, MLP, Reference, fitted, rel_err
+from inflens import InflensWarning, Influence, InputError, Objective
 from inflens.solvers import EKFAC, KFAC, Arnoldi
 
 
@@ -93,7 +93,9 @@ def _output_hessians(model: nn.Module, loss: str, x: torch.Tensor, y: torch.Tens
     ref = Reference(model, loss, 0.0)
     outs = model(x).detach()
     return [
-        torch.autograd.functional.hessian(lambda o: ref.loss(o[None], y[i : i + 1]).sum(), outs[i])
+        torch.autograd.functional.hessian(
+            lambda o, i=i: ref.loss(o[None], y[i : i + 1]).sum(), outs[i]
+        )
         for i in range(x.shape[0])
     ]
 
@@ -292,9 +294,7 @@ def test_unsupported_layers_get_the_exact_ggn_diagonal_or_an_error() -> None:
     # the exact GGN diagonal of the LayerNorm parameters
     hess = _output_hessians(model, "cross_entropy", x, y)
     params = dict(model.named_parameters())
-    jt = jacrev(lambda th: functional_call(model, {**params, **obj.unflatten(th)}, (x,)))(
-        obj.theta
-    )
+    jt = jacrev(lambda th: functional_call(model, {**params, **obj.unflatten(th)}, (x,)))(obj.theta)
     ggn = sum(jt[i].T @ hess[i] @ jt[i] for i in range(20)) / 20
     idx = torch.arange(16, 24)  # a: 12 + 4, then norm: 4 + 4
     e = torch.eye(obj.p, dtype=DT)[idx]

@@ -134,6 +134,7 @@ def run_demo(out: Path = Path("inflens-demo"), n_loo: int = 40, seed: int = 0, p
     t_lissa = time.perf_counter() - t1
 
     t1 = time.perf_counter()
+
     def refit(keep: torch.Tensor, theta0: torch.Tensor):
         # exact leave-one-out refit: mean loss over the n - 1 kept points + the same l2,
         # minimised to ||grad|| <= 1e-12 (chord-Newton steps preconditioned by H^-1 at theta-hat)

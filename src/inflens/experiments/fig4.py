@@ -4,8 +4,8 @@ Stand-in for the paper's ImageNet dog-vs-fish with Inception v3 (not obtainable 
 :mod:`inflens.experiments._animals`): CIFAR-10 dog vs frog, 900 train / 300 test per class.
 
 - **"deep" model**: a :class:`~inflens.features.SmallCNN` trained on the *other* CIFAR images,
-  frozen; binary logistic regression without bias on its 64 pooled features, l2 = 0.001,
-  fitted exactly (the paper: frozen Inception v3, LR on 2,048 features).
+  frozen; binary logistic regression without bias on its last feature map (4 x 4 x 64 = 1,024
+  values), l2 = 0.001, fitted exactly (the paper: frozen Inception v3, LR on 2,048 features).
 - **"shallow" model**: the paper's RBF SVM (PROTOCOL 4.5): exact Cholesky features of the RBF
   Gram matrix on raw [-1, 1] pixels of [train; test], hinge-trained bias-free linear SVM with
   l2 = 0.001, influence through SmoothHinge(t = 0.001) at the hinge weights.

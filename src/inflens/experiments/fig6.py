@@ -184,12 +184,14 @@ def run(
     progress: bool = True,
     repeats: int | None = None,
     time_budget_s: float | None = None,
+    first_repeat: int = 0,
 ) -> dict:
     """Reproduce Fig. 6; writes ``fig6.png`` and ``metrics.json`` into ``out``.
 
     ``quick``: the first 1,000 training documents (vocabulary refitted on them), 2 repeats.
     ``repeats`` / ``time_budget_s`` override the number of repeats (40) and stop starting new
-    ones after the budget (the metrics then say how many were run).
+    ones after the budget (the metrics then say how many were run). ``first_repeat`` starts
+    at a later repeat (its seeds), to split the 40 repeats over processes; see :func:`merge`.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -225,7 +227,7 @@ def run(
             "random": "random",
         },
         repeats=reps,
-        seed=120 * FLIP_LEVEL,
+        seed=120 * FLIP_LEVEL + 2 * first_repeat,
         fit=fitter,
         progress=progress,
         time_budget_s=time_budget_s,
@@ -256,6 +258,8 @@ def run(
         "check_counts": counts,
         "repeats": result.repeats,
         "repeats_requested": reps,
+        "first_repeat": first_repeat,
+        "seeds": result.seeds,
         "stopped_early": bool(result.info.get("stopped_early", False)),
         "clean_accuracy": result.clean_accuracy,
         "flipped_accuracy_mean": float(result.flipped_accuracy.mean()),
@@ -263,6 +267,7 @@ def run(
         "ordering_sigma2": _ordering(summary, "influence"),
         "ordering_sigma1": _ordering(summary, "influence_sigma1"),
         "refits": result.refits,
+        "clean_test_loss": result.clean_test_loss,
         "max_refit_grad_norm": float(max(fitter.grad_norms)),
         "mean_newton_steps": float(np.mean(fitter.newton_steps)),
         "self_influence_seconds": selfinf.seconds,
@@ -278,4 +283,75 @@ def run(
         progress,
         f"[{NAME}] {result.repeats} repeats, {result.refits} refits, {metrics['seconds']:.0f} s",
     )
+    return metrics
+
+
+def merge(parts: list[Path], out: Path) -> dict:
+    """Combine full runs made with different ``first_repeat`` into one ``metrics.json``/figure.
+
+    Repeats are identified by their flip seed (``120 + 2 r``); a seed present in several parts
+    is taken once (from the first part that has it).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ms = [json.loads((Path(p) / "metrics.json").read_text()) for p in parts]
+    base = ms[0]
+    for m in ms[1:]:
+        for key in ("n_train", "n_flipped", "check_counts", "vocabulary_size", "clean_accuracy"):
+            if m[key] != base[key]:
+                raise ValueError(f"the runs differ in {key}: {base[key]} vs {m[key]}")
+    methods = list(base["raw"].keys() - {"flipped_accuracy", "flipped_test_loss"})
+    methods = [m for m in METHOD_LABELS if m in methods]
+    rows: dict[int, tuple[dict[str, Any], int]] = {}
+    for m in ms:
+        seeds = m.get("seeds") or [120 * FLIP_LEVEL + 2 * r for r in range(m["repeats"])]
+        for j, seed in enumerate(seeds):
+            rows.setdefault(int(seed), (m["raw"], j))
+    order = sorted(rows)
+
+    def stack(key: str, method: str | None = None) -> np.ndarray:
+        return np.array(
+            [(raw[method][key] if method else raw[key])[j] for raw, j in (rows[s] for s in order)]
+        )
+
+    result = LabelFixingResult(
+        n_train=base["n_train"],
+        n_flipped=base["n_flipped"],
+        check_counts=base["check_counts"],
+        methods=methods,
+        accuracy={m: stack("accuracy", m) for m in methods},
+        test_loss={m: stack("test_loss", m) for m in methods},
+        fixed={m: stack("fixed", m).astype(np.int64) for m in methods},
+        flipped_accuracy=stack("flipped_accuracy"),
+        flipped_test_loss=stack("flipped_test_loss"),
+        clean_accuracy=base["clean_accuracy"],
+        clean_test_loss=float(base.get("clean_test_loss", float("nan"))),
+        seeds=order,
+        refits=sum(m["refits"] for m in ms),
+    )
+    summary = result.summary()
+    result.plot(
+        out / "fig6.png",
+        title=f"Enron1, {result.n_flipped} of {result.n_train} labels flipped, "
+        f"{result.repeats} repeats (mean +- SE)",
+        labels=METHOD_LABELS,
+    )
+    metrics = {
+        **{k: v for k, v in base.items() if k not in ("raw", "summary", "table", "seeds")},
+        "repeats": result.repeats,
+        "seeds": order,
+        "parts": [str(p) for p in parts],
+        "part_repeats": [m["repeats"] for m in ms],
+        "refits": result.refits,
+        "max_refit_grad_norm": max(m["max_refit_grad_norm"] for m in ms),
+        "primal_vs_dual_max_rel_diff": max(m["primal_vs_dual_max_rel_diff"] for m in ms),
+        "seconds": sum(m["seconds"] for m in ms),
+        "flipped_accuracy_mean": float(result.flipped_accuracy.mean()),
+        "table": _table(summary),
+        "ordering_sigma2": _ordering(summary, "influence"),
+        "ordering_sigma1": _ordering(summary, "influence_sigma1"),
+        "summary": summary,
+        "raw": result.to_dict()["raw"],
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
     return metrics

@@ -298,9 +298,7 @@ class KFAC(Solver):
             return g.flatten(2).transpose(1, 2)
         return g.reshape(g.shape[0], -1, g.shape[-1])
 
-    def _factor_columns(
-        self, obj: Objective, out: torch.Tensor, y: torch.Tensor
-    ) -> torch.Tensor:
+    def _factor_columns(self, obj: Objective, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``[m, B, *out_shape]``: vectors ``u`` with ``Lambda_i = sum_c u_ic u_ic^T`` (type-2),
         or the actual loss gradient (empirical Fisher, ``m = 1``)."""
         od = out.detach()
@@ -346,8 +344,10 @@ class KFAC(Solver):
                         allow_unused=True,
                     )  # fmt: skip
                     per_col.append(
-                        [self._out_grads(lay, g if g is not None else torch.zeros_like(o))
-                         for lay, g, o in zip(layers, gs, outs)]  # fmt: skip
+                        [
+                            self._out_grads(lay, g if g is not None else torch.zeros_like(o))
+                            for lay, g, o in zip(layers, gs, outs)
+                        ]  # fmt: skip
                     )
                 yield x, y, acts, per_col, cols
 

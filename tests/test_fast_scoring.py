@@ -1,0 +1,241 @@
+"""Fast paths give the same numbers as the plain ones: closed-form top Linear layer, JVP vs
+per-example-gradient scoring, the automatic choice, single-vector HVPs, the LiSSA loop, and the
+diagnostics (checked against explicit float64 Hessians from ``cases``)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from cases import DT, MLP, fitted, rel_err
+from inflens import InflensWarning, Influence, Objective
+from inflens.linear_head import LinearHead, probe
+from inflens.solvers import CG, Exact, LiSSA
+
+
+def _obj(name: str, **kw) -> tuple[Objective, object]:
+    f = fitted(name)
+    c = f.case
+    return Objective(f.fresh_model(), c.loss, l2=c.l2, params=c.params, t=c.t, **kw), f
+
+
+# ---------------------------------------------------------------------------- linear head
+def test_top_layer_closed_form_matches_autograd_and_the_reference() -> None:
+    obj, f = _obj("mlp_top_layer")  # params = "fc.": a Linear layer on frozen tanh features
+    head = obj.linear_head(f.x, f.y)
+    assert isinstance(head, LinearHead)
+    ref = f.ref.grad_each(f.theta, f.x, f.y)
+    assert rel_err(obj.per_example_grads(f.x, f.y), ref) < 1e-12
+    v = torch.randn(3, obj.p, generator=torch.Generator().manual_seed(0), dtype=DT)
+    assert rel_err(obj.loss_jvp(v, f.x, f.y), v @ ref.T) < 1e-12
+    # the measurement too (here: the logit of class 0)
+    obj_m = Objective(
+        f.fresh_model(), "cross_entropy", params="fc.", measurement=lambda o, y: o[:, 0]
+    )
+    auto = obj_m._per_example_grads_autograd(f.x, f.y, "measurement", obj_m.theta)
+    assert rel_err(obj_m.per_example_grads(f.x, f.y, "measurement"), auto) < 1e-12
+
+
+def test_influence_scores_with_and_without_the_closed_form() -> None:
+    f = fitted("mlp_top_layer")
+    gtr = f.ref.grad_each(f.theta, f.x, f.y) + f.case.l2 * f.theta
+    gte = f.ref.grad_each(f.theta, f.xt, f.yt)
+    want = -(gte @ torch.linalg.solve(f.hess, gtr.T))
+    for use in (True, False):
+        obj, _ = _obj("mlp_top_layer")
+        obj.use_linear_head = use
+        for scoring in ("jvp", "grad"):
+            inf = Influence(obj, (f.x, f.y), scoring=scoring, progress=False).fit()
+            assert rel_err(inf.loss_influence((f.xt, f.yt)), want) < 1e-10
+        assert (obj.linear_head(f.x, f.y) is not None) == use
+
+
+@pytest.mark.parametrize("out_shape", ["[B,1]", "[B]"])
+def test_binary_logit_outputs(out_shape: str) -> None:
+    class Logit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = self.lin(x)
+            return s if out_shape == "[B,1]" else s[:, 0]
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 4, generator=g, dtype=DT)
+    y = torch.randint(0, 2, (9,), generator=g)
+    obj = Objective(Logit().to(DT), "binary_logistic")
+    assert probe(obj, x, y) is not None
+    auto = obj._per_example_grads_autograd(x, y, "loss", obj.theta)
+    assert rel_err(obj.per_example_grads(x, y), auto) < 1e-12
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+class _Seq(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.view(x.shape[0], 2, 3)).sum(1)  # features [B, 2, 3]: not 2-D
+
+
+def test_a_first_layer_under_a_frozen_network_also_has_the_closed_form() -> None:
+    """theta = the first Linear layer, the rest frozen: its inputs do not depend on theta and
+    ``e_i = d l_i / d s_i`` back-propagates through the frozen layers above."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 3, generator=g, dtype=DT)
+    y = torch.randint(0, 2, (6,), generator=g)
+    obj = Objective(MLP(3, 4, 2).to(DT), "cross_entropy", params="hidden.")
+    assert obj.linear_head(x, y) is not None
+    auto = obj._per_example_grads_autograd(x, y, "loss", obj.theta)
+    assert rel_err(obj.per_example_grads(x, y), auto) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "model,params",
+    [(MLP(3, 4, 2), None), (_Twice(), None), (_Seq(), None)],
+    ids=["whole_mlp", "layer_called_twice", "3d_features"],
+)
+def test_no_closed_form_where_it_does_not_apply(model: nn.Module, params) -> None:
+    g = torch.Generator().manual_seed(2)
+    model = model.to(DT)
+    x = torch.randn(6, 6 if isinstance(model, _Seq) else 3, generator=g, dtype=DT)
+    y = torch.randint(0, 2, (6,), generator=g)
+    obj = Objective(model, "cross_entropy", params=params)
+    assert obj.linear_head(x, y) is None
+    auto = obj._per_example_grads_autograd(x, y, "loss", obj.theta)
+    assert rel_err(obj.per_example_grads(x, y), auto) < 1e-12
+
+
+# ---------------------------------------------------------------------------- scoring paths
+def test_jvp_grad_and_auto_scoring_agree() -> None:
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    n = 1500  # > 4 * 256: "auto" times the two methods on a probe chunk
+    x = torch.randn(n, 3, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (n,), generator=g)
+    obj = Objective(MLP(3, 4, 3).to(DT), "cross_entropy", l2=0.1)
+    v = torch.randn(5, obj.p, generator=g, dtype=DT)
+    res = {}
+    for scoring in ("jvp", "grad", "auto"):
+        inf = Influence(obj, (x, y), solver=Exact(), damping=0.5, scoring=scoring, progress=False)
+        inf.fit()
+        res[scoring] = inf.score(v)
+        assert res[scoring].shape == (5, n)
+    assert rel_err(res["jvp"], res["grad"]) < 1e-12
+    assert rel_err(res["auto"], res["grad"]) < 1e-12
+    costs = inf.diagnostics()["scoring_costs"]
+    assert costs["per_example_grad_s"] > 0 and costs["probe_examples"] == 256
+    # and against explicit per-example gradients
+    ge = obj._per_example_grads_autograd(x, y, "loss", obj.theta) + 0.1 * obj.theta
+    assert rel_err(res["grad"], -(v @ ge.T)) < 1e-12
+
+
+def test_single_vector_hvp_matches_batched_and_explicit_hessian() -> None:
+    obj, f = _obj("mlp_tanh")
+    v = torch.randn(2, obj.p, generator=torch.Generator().manual_seed(4), dtype=DT)
+    one = obj.hvp_sum(v[:1], f.x, f.y)  # reverse-over-reverse path
+    two = obj.hvp_sum(v, f.x, f.y)  # vmap(jvp(grad)) path
+    assert rel_err(one[0], two[0]) < 1e-12
+    h_loss = f.hess - f.case.l2 * torch.eye(obj.p, dtype=DT)
+    assert rel_err(two, v @ h_loss * f.x.shape[0]) < 1e-10
+    # the hinge loss has zero curvature almost everywhere: both paths give zeros
+    lin = Objective(nn.Linear(3, 1).to(DT), "hinge")
+    yb = (f.x[:, 0] > 0).long()
+    assert lin.hvp_sum(torch.ones(1, 4, dtype=DT), f.x, yb).abs().max() == 0
+
+
+def test_evaluating_is_reentrant_and_restores_training_flags() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Linear(2, 1)).to(DT)
+    model.train()
+    obj = Objective(model, "mse")
+    x = torch.randn(4, 2, dtype=DT)
+    with obj.evaluating():
+        with obj.evaluating():
+            a = obj.outputs(obj.theta, x)
+        assert not model.training
+        b = obj.outputs(obj.theta, x)
+    assert torch.equal(a, b) and model.training and model[1].training
+
+
+# ---------------------------------------------------------------------------- LiSSA
+def test_lissa_full_batch_is_the_exact_neumann_iteration() -> None:
+    obj, f = _obj("logreg_multiclass")
+    inf = Influence(
+        obj, (f.x, f.y), solver=LiSSA(depth=400, repeats=5, batch_size=None), progress=False
+    )
+    inf.fit()
+    rhs = torch.randn(2, obj.p, generator=torch.Generator().manual_seed(5), dtype=DT)
+    assert rel_err(inf.solver.solve(rhs), torch.linalg.solve(f.hess, rhs.T).T) < 1e-8
+    d = inf.diagnostics()
+    lam = torch.linalg.eigvalsh(f.hess)
+    # p = 12 <= 20 Lanczos steps: the extreme eigenvalues are exact
+    assert d["estimated_max_eigenvalue"] == pytest.approx(float(lam[-1]), rel=1e-8)
+    assert d["estimated_min_eigenvalue"] == pytest.approx(float(lam[0]), rel=1e-8)
+    assert d["scale"] == pytest.approx(1.5 * float(lam[-1]), rel=1e-8)
+    assert d["bias_factor"] < 1e-8 and d["advice"] == []
+
+
+def test_lissa_sampled_steps_are_seeded_and_close_to_the_solve() -> None:
+    obj, f = _obj("logreg_binary")
+    rhs = torch.randn(1, obj.p, generator=torch.Generator().manual_seed(6), dtype=DT)
+    want = torch.linalg.solve(f.hess, rhs.T).T
+    runs = []
+    for seed in (0, 0, 1):
+        solver = LiSSA(depth=150, repeats=8, batch_size=10, seed=seed)
+        inf = Influence(obj, (f.x, f.y), solver=solver, progress=False)
+        runs.append(inf.fit().solver.solve(rhs))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    # a stochastic estimate (8 chains of 150 steps on 10 sampled points each); the
+    # deterministic part has converged (bias factor < 1e-20), the rest is sampling noise
+    assert inf.diagnostics()["bias_factor"] < 1e-20
+    assert rel_err(runs[0], want) < 0.1 and rel_err(runs[2], want) < 0.1
+    assert inf.diagnostics()["seconds_per_step"] > 0
+
+
+def test_lissa_warns_with_what_to_change_when_far_from_converged() -> None:
+    obj, f = _obj("logreg_multiclass")
+    inf = Influence(obj, (f.x, f.y), solver=LiSSA(depth=5, repeats=1, scale=100.0), progress=False)
+    inf.fit()
+    with pytest.warns(InflensWarning, match="raise depth to about"):
+        inf.solver.solve(torch.ones(1, obj.p, dtype=DT))
+    assert any("depth" in tip for tip in inf.diagnostics()["advice"])
+
+
+# ---------------------------------------------------------------------------- diagnostics
+def test_diagnostics_report_extreme_eigenvalues_and_advice() -> None:
+    obj, f = _obj("mlp_tanh")
+    inf = Influence(obj, (f.x, f.y), solver=CG(tol=1e-12), damping=0.01, progress=False).fit()
+    inf.s_test((f.xt, f.yt))
+    d = inf.diagnostics(eigenvalues=True)
+    lam = torch.linalg.eigvalsh(f.hess) + 0.01
+    assert d["curvature_max_eigenvalue"] == pytest.approx(float(lam[-1]), rel=1e-8)
+    assert d["curvature_min_eigenvalue"] == pytest.approx(float(lam[0]), rel=1e-6)
+    assert max(d["relative_residuals"]) < 1e-10 and d["advice"] == []
+    assert d["curvature"] == "hessian"
+
+
+def test_self_influence_with_an_iterative_solver_warns_on_large_n() -> None:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1100, 2, generator=g, dtype=DT)
+    y = torch.randint(0, 2, (1100,), generator=g)
+    obj = Objective(nn.Linear(2, 1, bias=False).to(DT), "binary_logistic", l2=0.1)
+    inf = Influence(obj, (x, y), solver=CG(), progress=False).fit()
+    with pytest.warns(InflensWarning, match="one system per training point"):
+        si = inf.self_influence()
+    ex = Influence(obj, (x, y), solver=Exact(), progress=False).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InflensWarning)
+        assert rel_err(si, ex.self_influence()) < 1e-8
