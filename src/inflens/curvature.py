@@ -16,9 +16,10 @@ from .errors import InputError
 from .objective import Objective
 
 #: largest automatic chunk on a CPU: bigger chunks fall out of the caches and run slower
-#: (measured with benchmarks/bench_scoring.py: 256-1024 examples are 1.5-2.5x faster per
-#: example than 4096 for forward, JVP and per-example-gradient passes of small models)
-CPU_CHUNK_CAP = 1024
+#: (measured, docs/solvers.md: for the paper's CNN, forward and JVP passes ran 1.7-2x slower
+#: per example with 1024-example chunks than with 512, per-example gradients 1.2x; 512 was
+#: within 15% of the best of 256/512/1024 for every pass of the CNN and of MNIST-LR)
+CPU_CHUNK_CAP = 512
 
 
 def auto_chunk_size(

@@ -44,7 +44,7 @@ class Influence:
             :mod:`inflens.solvers`.
         damping: ``delta >= 0`` added to ``H`` in every solver (Sec. 4.2).
         batch_size: examples per vectorised chunk (``None``: from a 128 MiB budget for the
-            ``[chunk, p]`` per-example gradients, at most 1024 on a CPU where larger chunks
+            ``[chunk, p]`` per-example gradients, at most 512 on a CPU where larger chunks
             run slower). Results do not depend on it.
         progress: show progress bars on passes over the training set.
         scoring: how training points are scored against ``k`` s_test vectors: ``"jvp"``

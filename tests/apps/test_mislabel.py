@@ -34,7 +34,8 @@ def _problem(n: int, p: int, seed: int = 0, sparse_counts: bool = False):
     w = torch.randn(p, generator=g, dtype=torch.float64)
     y = ((x @ w + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)) > 0).long()
     obj = Objective(LogisticRegression(p, 1, dtype=torch.float64), "binary_logistic", l2=L2)
-    theta = fit_lbfgs(obj, (x, y), tol=1e-12, max_iter=5000, load=True)
+    # the closed forms hold at any theta, so the fit need not reach machine precision
+    theta = fit_lbfgs(obj, (x, y), tol=1e-10, max_iter=5000, on_fail="ignore", load=True)
     return obj, x, y, theta
 
 

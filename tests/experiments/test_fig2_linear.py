@@ -103,6 +103,7 @@ def test_agreement_statistics():
 
 
 @pytest.mark.realdata
+@pytest.mark.filterwarnings("ignore:LiSSA is far from converged")  # quick: depth 300 only
 def test_quick_run_on_mnist(shared_data: Path, tmp_path: Path):
     if not (shared_data / "mnist" / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"MNIST not available in {shared_data / 'mnist'}")

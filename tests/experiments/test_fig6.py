@@ -65,3 +65,47 @@ def test_fig6_quick(shared_data: Path, tmp_path: Path) -> None:
     random_fixed = np.array(s["methods"]["random"]["fraction_fixed"][1:])
     infl_fixed = np.array(s["methods"]["influence"]["fraction_fixed"][1:])
     assert (infl_fixed > random_fixed).all()
+
+
+def _part(path: Path, seeds: list[int], offset: float) -> None:
+    """A fake fig6 metrics.json with recognisable per-repeat values (value = seed + offset)."""
+    r = len(seeds)
+    vals = [[s + offset] * 6 for s in seeds]
+    raw = {
+        "flipped_accuracy": [0.5] * r,
+        "flipped_test_loss": [1.0] * r,
+        **{
+            m: {"accuracy": vals, "test_loss": vals, "fixed": [[1] * 6] * r}
+            for m in ("influence", "influence_sigma1", "loss", "random")
+        },
+    }
+    path.mkdir()
+    (path / "metrics.json").write_text(
+        json.dumps(
+            {
+                "n_train": 100,
+                "n_flipped": 10,
+                "check_counts": [5, 10, 15, 20, 25, 30],
+                "vocabulary_size": 7,
+                "clean_accuracy": 0.9,
+                "clean_test_loss": 0.2,
+                "repeats": r,
+                "seeds": seeds,
+                "raw": raw,
+                "refits": 3,
+                "max_refit_grad_norm": 1e-10,
+                "primal_vs_dual_max_rel_diff": 1e-12,
+                "seconds": 1.0,
+            }
+        )
+    )
+
+
+def test_merge_takes_each_seed_once(tmp_path: Path) -> None:
+    _part(tmp_path / "a", [120, 122, 124], 0.0)
+    _part(tmp_path / "b", [124, 126], 1000.0)  # seed 124 is in both: the first part wins
+    m = fig6.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    assert m["repeats"] == 4 and m["seeds"] == [120, 122, 124, 126]
+    assert [row[0] for row in m["raw"]["loss"]["accuracy"]] == [120, 122, 124, 1126]
+    assert m["summary"]["methods"]["loss"]["fraction_fixed"][1] == pytest.approx(0.1)
+    assert (tmp_path / "out" / "fig6.png").is_file()

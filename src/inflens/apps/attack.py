@@ -346,8 +346,9 @@ class _LogisticEngine:
 
     Linear systems in ``H`` are solved by conjugate gradients preconditioned with the inverse
     of ``H`` at an earlier theta (an attack changes a few rows of ``F`` and theta a
-    little per step, so a handful of ``O(n p)`` products reach a relative residual of 1e-12);
-    the factor is recomputed whenever that takes more than ``max_pcg`` iterations. Refits are
+    little per step, so a handful of ``O(n p)`` products reach the tolerance);
+    the factor is recomputed whenever that takes more than ``max_pcg`` iterations.
+    Relative residual tolerance of the solves: ``rtol`` (1e-10). Refits are
     Newton steps solved the same way, with Armijo backtracking, to ``||grad|| <= tol``. Same
     numbers as :class:`_GenericEngine` with the exact solver and a Newton refit, without
     forming ``H`` (``O(n p^2)``) on every call.
@@ -355,8 +356,10 @@ class _LogisticEngine:
 
     dtype = torch.float64
 
-    def __init__(self, l2: float, damping: float, tol: float, max_pcg: int = 30) -> None:
-        self.l2, self.damping, self.tol, self.max_pcg = l2, damping, tol, max_pcg
+    def __init__(
+        self, l2: float, damping: float, tol: float, max_pcg: int = 30, rtol: float = 1e-10
+    ) -> None:
+        self.l2, self.damping, self.tol, self.max_pcg, self.rtol = l2, damping, tol, max_pcg, rtol
         self._inv: torch.Tensor | None = None  # (H + (l2 + damping) I)^-1 at an earlier theta
         self.stats = {"factorizations": 0, "pcg_iterations": 0, "solves": 0}
 
@@ -399,7 +402,7 @@ class _LogisticEngine:
         rz = (r * z).sum(1)
         bnorm = b.norm(dim=1).clamp_min(1e-300)
         for _ in range(self.max_pcg):
-            if bool((r.norm(dim=1) <= 1e-12 * bnorm).all()):
+            if bool((r.norm(dim=1) <= self.rtol * bnorm).all()):
                 return x
             self.stats["pcg_iterations"] += 1
             hd = hvp(d)
@@ -410,7 +413,7 @@ class _LogisticEngine:
             rz_new = (r * z).sum(1)
             d = z + (rz_new / rz)[:, None] * d
             rz = rz_new
-        if bool((r.norm(dim=1) <= 1e-12 * bnorm).all()):
+        if bool((r.norm(dim=1) <= self.rtol * bnorm).all()):
             return x
         # the preconditioner is stale: factor H here and solve directly
         self._inv = self._factor(w, f, own)

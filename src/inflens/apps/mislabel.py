@@ -437,7 +437,7 @@ class LabelFixingResult:
 
         s = self.summary()
         x = s["fraction_checked"]
-        fig = Figure(figsize=(8.5, 3.4))
+        fig = Figure(figsize=(8.5, 3.9), layout="constrained")
         ax_acc, ax_fix = fig.subplots(1, 2)
         for m in self.methods:
             st = s["methods"][m]
@@ -459,10 +459,10 @@ class LabelFixingResult:
         ax_acc.set_ylabel("test accuracy")
         ax_fix.set_xlabel("fraction of training data checked")
         ax_fix.set_ylabel("fraction of flips fixed")
-        ax_acc.legend(fontsize=7)
+        handles, names = ax_acc.get_legend_handles_labels()
+        fig.legend(handles, names, loc="outside lower center", ncol=5, fontsize=7, frameon=False)
         if title:
             fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=110)
         return path

@@ -134,13 +134,13 @@ class ErrorReport:
             "effect = predicted change of their mean test loss if the training point is removed "
             "(negative = harmful).",
             "",
-            f"{'rank':>4}  {'train idx':>9}  {'label':>8}  {'effect':>11}  {'x next':>7}  role",
+            f"{'rank':>4}  {'train idx':>9}  {'label':>8}  {'effect':>11}  {'vs next':>8}  role",
         ]
         for p in self.points:
             ratio = abs(p["effect"]) / self.next_effect if self.next_effect > 0 else float("inf")
             lines.append(
                 f"{p['rank']:>4}  {p['index']:>9}  {str(p['label']):>8}  {p['effect']:>11.4g}  "
-                f"{ratio:>6.1f}x  {p['role']}"
+                f"{ratio:>7.1f}x  {p['role']}"
             )
         lines.append(
             f"largest |effect| among the other {self.n_train - len(self.points)} training "

@@ -22,10 +22,10 @@ Because 32x32 images give the attacker 87 times fewer pixels than 299x299 ones (
 box allows an L2 change of 0.22 here against about 2 in the paper) and a small CNN is far less
 sensitive to such changes than Inception v3, both attacks are also run with a wider box
 (``wide_box_levels``, default +-8 levels, the step scaled so that the box is reached after 25
-steps as in the paper) on the same targets; both are reported. The full command attacks a
-seeded random sample of 100 correctly classified test images with the wide box and as many
-of them as fit in ``paper_box_budget_s`` (default 900 s) with the paper's box, since a failed
-target costs 600 refits there.
+steps as in the paper) on the same targets; both are reported. The full command takes a
+seeded random sample of 100 correctly classified test images (ranked for all of them) and
+attacks them in that order, as many as fit in 600 s with the paper's box (a failed target
+costs 600 refits there) and in 1,800 s with the wide box; the numbers attacked are reported.
 """
 
 from __future__ import annotations
@@ -280,8 +280,8 @@ def _figure(out: Path, task, multi: dict[str, Any], res, tallies: dict[str, dict
     ax.set_ylabel("mean loss on the 30 held-out dogs")
     ax2.set_ylabel("flipped", color="tab:red")
     ax.set_title(
-        f"one poisoned image vs {multi['n_targets']} held-out dogs: "
-        f"{multi['n_flipped']}/{multi['n_initially_correct']} flipped",
+        f"one poisoned image (box +-{multi['box_levels']:g} levels) vs {multi['n_targets']} "
+        f"held-out dogs: {multi['n_flipped']}/{multi['n_initially_correct']} flipped",
         fontsize=9,
     )
     # a few targets, before/after
@@ -322,6 +322,7 @@ def run(
     size: int | None = None,
     max_targets: int | None = None,
     paper_box_budget_s: float | None = None,
+    wide_box_budget_s: float | None = None,
     wide_box_levels: float | None = 8.0,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -335,8 +336,9 @@ def run(
             random sample); ``None``: 100 in the full run (the default command), 2 in quick.
             Pass ``-1`` for all of them.
         paper_box_budget_s: with the paper's +-0.5-level box, stop starting new targets after
-            this many seconds (``None``: 900 s in the full run, no limit in quick; ``-1``: no
-            limit). The wide box always attacks every sampled target.
+            this many seconds (``None``: 600 s in the full run, no limit in quick; ``-1``: no
+            limit).
+        wide_box_budget_s: the same for the wide box (``None``: 1,800 s in the full run).
         wide_box_levels: also attack with a box of this many 8-bit levels (``None``: skip).
         seed: order in which targets are attacked.
     """
@@ -378,13 +380,13 @@ def run(
         )
     tallies: dict[str, dict[str, Any]] = {}
     details: dict[str, Any] = {}
-    if paper_box_budget_s is None:
-        paper_box_budget_s = -1 if quick else 900.0
+    budgets = [
+        (-1 if quick else 600.0) if paper_box_budget_s is None else paper_box_budget_s,
+        (-1 if quick else 1800.0) if wide_box_budget_s is None else wide_box_budget_s,
+    ]
     for c, (name, (box_levels, step_levels)) in enumerate(settings.items()):
         atk.box = PixelBox.eight_bit(levels=box_levels)
-        deadline = (
-            time.perf_counter() + paper_box_budget_s if c == 0 and paper_box_budget_s >= 0 else None
-        )
+        deadline = time.perf_counter() + budgets[c] if budgets[c] >= 0 else None
         rows = _individual(
             atk,
             task,
@@ -397,6 +399,7 @@ def run(
             progress,
         )
         tallies[name] = {
+            "time_budget_s": budgets[c],
             "box_levels": box_levels,
             "step_levels": step_levels,
             "iterations": iterations,
