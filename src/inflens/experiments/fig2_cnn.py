@@ -109,9 +109,12 @@ PROTOCOLS: dict[str, Protocol] = {
         boundaries=(3_000,),
         factors=(1.0, 0.1),
         retrain_steps=120,
+        curvature="ggn",
         note="125x fewer training steps: lr 1e-3 (10x the paper's) for 3,000 steps, then "
         "1e-4; retraining 120 steps at that decayed lr (lr x steps = 0.012, paper 0.03); "
-        "about 13k Adam steps in all, ~30 min of one CPU core",
+        "about 13k Adam steps in all, ~30 min of one CPU core. Influence with the Gauss-Newton "
+        "matrix + damping 0.01: at this theta-tilde the Hessian + 0.01 I is not positive "
+        "definite (Lanczos finds a Ritz value below l2 + damping; CG stagnates)",
     ),
     "quick": Protocol(
         name="quick",
