@@ -71,6 +71,12 @@ def test_compare_models_scores_and_summary(tmp_path) -> None:
         assert -1 <= s["spearman_abs_influence_vs_distance"] <= 1
         assert 0 <= s["influence_mass_nearest"] <= 1
         assert 0 <= s["top_k_other_class"] <= 1 and s["n_test_points"] == 5
+    sub = cmp.subset([11, 13])
+    assert sub.test_index.tolist() == [11, 13]
+    np.testing.assert_array_equal(sub.scores["lr"], cmp.scores["lr"][[1, 3]])
+    both = cmp.all_correct()
+    ok = cmp.correct["lr"] & cmp.correct["svm"]
+    assert both.tolist() == cmp.test_index[ok].tolist()
     one = cmp.test_summary(12, k=3)
     assert [r["index"] for r in one["lr"]["top_helpful"]] == top.tolist()
     full_test = torch.cat([torch.zeros(10, 3, 4, 4, dtype=DT), xte])  # indexed by test_index

@@ -110,6 +110,26 @@ class Comparison:
             )
         return int(hits[0])
 
+    def subset(self, tests: Sequence[int] | np.ndarray | torch.Tensor) -> Comparison:
+        """The comparison restricted to the given test points (by test index), e.g. those
+        every model classifies correctly."""
+        wanted = np.asarray(torch.as_tensor(tests).cpu()).reshape(-1)
+        rows = np.flatnonzero(np.isin(self.test_index, wanted))
+        return Comparison(
+            scores={k: v[rows] for k, v in self.scores.items()},
+            correct={k: v[rows] for k, v in self.correct.items()},
+            distance=self.distance[rows],
+            y_train=self.y_train,
+            y_test=self.y_test[rows],
+            test_index=self.test_index[rows],
+            meta=dict(self.meta),
+        )
+
+    def all_correct(self) -> np.ndarray:
+        """Test indices every model classifies correctly."""
+        ok = np.logical_and.reduce([np.asarray(c, dtype=bool) for c in self.correct.values()])
+        return self.test_index[ok]
+
     def top_helpful(self, name: str, test: int, k: int = 5, label: int | None = None) -> np.ndarray:
         """Indices of the ``k`` most helpful training points (largest score), optionally only
         those with training label ``label``."""
@@ -132,18 +152,29 @@ class Comparison:
           the test label;
         - ``top_k_helpful_mean``: mean score of the top-k helpful images;
         - ``accuracy``: on these test points.
+
+        Test points at which a model's scores are all exactly zero are left out for that model
+        (``n_without_influence``).
         """
-        dist = self.distance
-        n = dist.shape[1]
-        pct = np.argsort(np.argsort(dist, axis=1, kind="stable"), axis=1) / max(n - 1, 1)
-        near = pct < near_fraction
+        n = self.distance.shape[1]
+        pct_all = np.argsort(np.argsort(self.distance, axis=1, kind="stable"), axis=1)
+        pct_all = pct_all / max(n - 1, 1)
         out: dict[str, dict[str, float]] = {}
-        for name, s in self.scores.items():
+        for name, s_all in self.scores.items():
+            # A test point whose scores are all exactly zero (e.g. far outside a hinge-type
+            # model's margin, where the smooth hinge's gradient underflows) has no ranking.
+            keep = np.abs(s_all).max(1) > 0
+            s, dist, pct = s_all[keep], self.distance[keep], pct_all[keep]
+            near = pct < near_fraction
             mag = np.abs(s)
             top = np.argsort(-s, axis=1, kind="stable")[:, :k]
-            other = self.y_train[top] != self.y_test[:, None]
+            other = self.y_train[top] != self.y_test[keep][:, None]
+            if not keep.any():
+                out[name] = {"n_test_points": 0, "n_without_influence": int(s_all.shape[0])}
+                continue
             out[name] = {
                 "n_test_points": int(s.shape[0]),
+                "n_without_influence": int((~keep).sum()),
                 "spearman_abs_influence_vs_distance": float(np.nanmean(spearman(mag, dist))),
                 "influence_mass_nearest": float(
                     np.mean((mag * near).sum(1) / np.maximum(mag.sum(1), 1e-300))
@@ -153,7 +184,7 @@ class Comparison:
                 "top_k_distance_percentile": float(np.take_along_axis(pct, top, 1).mean()),
                 "top_k_other_class": float(other.mean()),
                 "top_k_helpful_mean": float(np.take_along_axis(s, top, 1).mean()),
-                "accuracy": float(self.correct[name].mean()),
+                "accuracy": float(self.correct[name][keep].mean()),
             }
         return out
 

@@ -27,6 +27,7 @@ runs the original setting on your own images with a pretrained network (Python A
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from .. import Influence
-from ..apps.compare import Comparison, compare_models, rbf_svm
+from ..apps.compare import compare_models, rbf_svm
 from . import _animals
 
 NAME = "fig4"
@@ -66,19 +67,6 @@ def _gamma(n_train: int, dim: int) -> tuple[float, float]:
     ``gamma * ||x - x'||^2`` scale: 0.05 / 1800 times 268,203 / dim (the quick subset keeps
     the full run's kernel width rather than widening it with its smaller n)."""
     return 0.05 / PAPER_N_TRAIN * PAPER_DIM / dim, 0.05 / n_train
-
-
-def _subset(cmp: Comparison, tests: torch.Tensor) -> Comparison:
-    """The comparison restricted to some of its test points (by test index)."""
-    rows = np.flatnonzero(np.isin(cmp.test_index, tests.numpy()))
-    return Comparison(
-        scores={k: v[rows] for k, v in cmp.scores.items()},
-        correct={k: v[rows] for k, v in cmp.correct.items()},
-        distance=cmp.distance[rows],
-        y_train=cmp.y_train,
-        y_test=cmp.y_test[rows],
-        test_index=cmp.test_index[rows],
-    )
 
 
 def run(
@@ -198,13 +186,23 @@ def run(
                 ((svm.f_train @ svm.w > 0).long() == task.y_train).double().mean()
             ),
             "p": int(svm.f_train.shape[1]),
-            "fit": {k: v for k, v in svm.fit_info.items() if isinstance(v, (int, float, bool))},
+            "fit": {
+                k: v
+                for k, v in svm.fit_info.items()
+                if isinstance(v, (int, float, bool)) and math.isfinite(v)
+            },
         },
         "n_both_correct": int(sel.numel()),
         "summary_over_both_correct": cmp.summary(k=5),
         "n_both_correct_inside_svm_margin": int(inside.numel()),
-        "summary_inside_svm_margin": _subset(cmp, inside).summary(k=5) if inside.numel() else {},
-        "shown_test_image": cmp.test_summary(shown, k=5),
+        "summary_inside_svm_margin": cmp.subset(inside).summary(k=5) if inside.numel() else {},
+        "shown_test_image": {
+            **cmp.test_summary(shown, k=5),
+            "rbf_margin": float(svm_margin[shown]),
+            "cnn_p_true": float(
+                torch.sigmoid((2 * task.y_test[shown] - 1) * (task.f_test[shown] @ task.theta))
+            ),
+        },
         "paper": PAPER,
         "seconds": time.perf_counter() - t0,
     }
