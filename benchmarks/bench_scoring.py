@@ -19,7 +19,9 @@ other processes affects all of them alike. Ratios are printed beside the targets
 - issue 5: ``loss_influence(1) <= 3 x forward`` and ``loss_influence(100) <= 1.5 x pe_grad``.
 
 Run: ``python benchmarks/bench_scoring.py [--n 20000] [--repeats 5] [--dtype float32]
-[--threads 2] [--json out.json]``.
+[--threads 2] [--json out.json] [--chunk-sweep] [--lissa]``. ``--chunk-sweep`` also times the
+passes at chunk sizes 256, 512 and 1024 (the CPU chunk cap); ``--lissa`` times LiSSA with the
+paper's settings (50,000 batch-1 steps) on an MNIST-LR-shaped problem.
 """
 
 from __future__ import annotations
@@ -128,6 +130,67 @@ def bench_model(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, a
     return out
 
 
+def chunk_sweep(x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds of forward / JVP / per-example-gradient / closed-form passes over ``x`` at
+    chunk sizes 256, 512 and 1024 (interleaved), for the CNN and logistic regression."""
+    n = x.shape[0]
+    out: dict[str, float] = {}
+    jobs = []
+    for name, model in (("cnn", PaperCNN(seed=0, dtype=x.dtype)), ("lr", nn.Linear(784, 10))):
+        obj = Objective(model.to(x.dtype).to(x.device), "cross_entropy", l2=0.01)
+        kinds = (("fwd", 1), ("jvp", 1), ("pe", 1)) if name == "cnn" else (
+            ("fwd", 1), ("jvp", 1), ("jvp", 100))  # fmt: skip
+        for kind, k in kinds:
+            vecs = torch.randn(k, obj.p, dtype=x.dtype, device=x.device)
+
+            def run(c: int, obj=obj, kind=kind, vecs=vecs) -> None:
+                with obj.evaluating():
+                    for i in range(0, n, c):
+                        xx, yy = x[i : i + c], y[i : i + c]
+                        if kind == "fwd":
+                            with torch.no_grad():
+                                obj.losses(obj.theta, xx, yy)
+                        elif kind == "jvp":
+                            obj.loss_jvp(vecs, xx, yy)
+                        else:
+                            vecs @ obj._per_example_grads_autograd(xx, yy, "loss", obj.theta).T
+
+            for c in (256, 512, 1024):
+                jobs.append((f"{name}.{kind}{k}@{c}", run, c))
+    for _, fn, c in jobs:
+        fn(c)
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for key, fn, c in jobs:
+            times.setdefault(key, []).append(_time(lambda fn=fn, c=c: fn(c)))
+    for key, v in times.items():
+        out[key] = statistics.median(v)
+    return out
+
+
+def lissa_paper(threads: int | None) -> dict[str, float]:
+    """Seconds for LiSSA with the paper's settings (depth 5000, 10 repeats, batch 1, scale 25)
+    on an MNIST-LR-shaped problem: n = 55,000 synthetic points, 784 x 10, float64, one vector."""
+    from inflens.solvers import LiSSA
+
+    g = torch.Generator().manual_seed(0)
+    n = 55000
+    x = torch.rand(n, 784, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (n,), generator=g)
+    model = nn.Linear(784, 10, bias=False).double()
+    nn.init.normal_(model.weight, std=0.01, generator=g)
+    obj = Objective(model, "cross_entropy", l2=0.01)
+    solver = LiSSA(depth=5000, repeats=10, scale=25.0, seed=17, estimate_spectrum=False)
+    inf = Influence(obj, (x, y), solver=solver, progress=False).fit()
+    v = torch.randn(1, obj.p, generator=g, dtype=torch.float64)
+    warm = LiSSA(depth=50, repeats=1, scale=25.0, estimate_spectrum=False)
+    warm.fit(inf.curvature_).solve(v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InflensWarning)  # the paper's depth is not converged
+        sec = _time(lambda: inf.solver.solve(v))
+    return {"steps": 50000, "seconds": sec, "ms_per_step": 1e3 * sec / 50000}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=20000, help="training points")
@@ -137,6 +200,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", default="lr,cnn", help="comma-separated: lr, cnn")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--chunk-sweep", action="store_true", help="also time chunk sizes 256-1024")
+    ap.add_argument("--lissa", action="store_true", help="also time LiSSA's paper settings")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -171,9 +236,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
             )
         for target, ok in r["targets"].items():
             print(f"  {'MET ' if ok else 'MISS'} {target}")
+    extra: dict[str, dict[str, float]] = {}
+    if args.chunk_sweep:
+        n = min(args.n, 8192)
+        extra["chunk_sweep"] = chunk_sweep(x[:n], y[:n], args.repeats)
+        print(f"\nchunk sweep over {n} points (median seconds):")
+        for key, sec in extra["chunk_sweep"].items():
+            print(f"  {key:<22}{sec:>9.3f}")
+    if args.lissa:
+        extra["lissa_paper"] = lissa_paper(args.threads)
+        r = extra["lissa_paper"]
+        print(f"\nLiSSA, paper settings (50,000 batch-1 steps, n=55,000, p=7,840, float64): "
+              f"{r['seconds']:.1f} s = {r['ms_per_step']:.3f} ms/step")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=1)
+            json.dump({"args": vars(args), "results": results, **extra}, f, indent=1)
     return results
 
 

@@ -151,7 +151,7 @@ class DistributedCurvature(Curvature):
         v = vecs.reshape(-1, self.p).to(self.dtype)
         out = torch.zeros_like(v)
         for _, x, y in self.chunks(desc):
-            out += self.objective.hvp_sum(v, x, y)
+            out += self.sum_product(v, x, y)
         self.all_reduce(out)
         out = out / self.n + self.shift * v
         self.num_matvecs += v.shape[0]

@@ -108,3 +108,22 @@ def test_compare_models_errors() -> None:
         compare_models({}, xtr, xte, ytr, yte)
     with pytest.raises(InputError, match="training points"):
         compare_models({"lr": (inf, (xte.reshape(5, -1), yte))}, xtr[:10], xte, ytr[:10], yte)
+
+
+def test_summary_leaves_out_test_points_without_influence() -> None:
+    from inflens.apps.compare import Comparison
+
+    scores = np.array([[0.3, -0.1, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    cmp = Comparison(
+        scores={"m": scores},
+        correct={"m": np.array([True, True])},
+        distance=np.array([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]),
+        y_train=np.array([0, 1, 0, 1]),
+        y_test=np.array([0, 1]),
+        test_index=np.array([0, 1]),
+    )
+    s = cmp.summary(k=2, near_fraction=0.3)["m"]
+    assert s["n_test_points"] == 1 and s["n_without_influence"] == 1
+    assert s["top_k_other_class"] == 0.0  # points 0 and 2, both of class 0
+    assert s["influence_mass_nearest"] == pytest.approx(0.5)  # nearest 30%: point 0 only
+    assert s["top_k_helpful_mean"] == pytest.approx(0.25)

@@ -120,3 +120,7 @@ def test_quick_run_on_mnist(shared_data: Path, tmp_path: Path):
     diff = np.subtract(m["loo"]["actual_vs_theta_tilde"], m["loo"]["actual_vs_continuation"])
     assert np.allclose(diff, m["continuation_drift"], atol=1e-6)
     assert np.isfinite(m["pearson_vs_continuation"])
+    # the last recorded horizon is the final retrain: same numbers as the main result
+    last = m["by_retrain_steps"][str(f2.PROTOCOLS["quick"].retrain_steps)]
+    assert last["pearson"] == pytest.approx(m["pearson_vs_continuation"], abs=1e-6)
+    assert set(m["by_retrain_steps"]) == {"5", "10"}

@@ -77,6 +77,7 @@ class Protocol:
     boundaries: tuple[int, ...]  # learning rate = lr * factors[j] between boundaries
     factors: tuple[float, ...]
     retrain_steps: int  # continue from theta-tilde (and its Adam state) for this many steps
+    report_steps: tuple[int, ...] = ()  # also report R after these (fewer) retraining steps
     batch_size: int = 500
     k: int = 100
     n_train: int | None = None  # None: the 5,500-point subset; else its first n_train points
@@ -108,13 +109,15 @@ PROTOCOLS: dict[str, Protocol] = {
         lr=1e-3,
         boundaries=(3_000,),
         factors=(1.0, 0.1),
-        retrain_steps=120,
+        retrain_steps=240,
+        report_steps=(30, 60, 120),
         curvature="ggn",
         note="125x fewer training steps: lr 1e-3 (10x the paper's) for 3,000 steps, then "
-        "1e-4; retraining 120 steps at that decayed lr (lr x steps = 0.012, paper 0.03); "
-        "about 13k Adam steps in all, ~30 min of one CPU core. Influence with the Gauss-Newton "
-        "matrix + damping 0.01: at this theta-tilde the Hessian + 0.01 I is not positive "
-        "definite (Lanczos finds a Ritz value below l2 + damping; CG stagnates)",
+        "1e-4; retraining 240 steps at that decayed lr (lr x steps = 0.024, paper 0.03), R "
+        "also after 30, 60, 120 steps; about 29k Adam steps in all, ~35 min of one CPU core. "
+        "Influence with the Gauss-Newton matrix + damping 0.01: at this theta-tilde the "
+        "Hessian + 0.01 I is not positive definite (Lanczos finds a Ritz value below l2 + "
+        "damping; CG stagnates)",
     ),
     "quick": Protocol(
         name="quick",
@@ -123,6 +126,7 @@ PROTOCOLS: dict[str, Protocol] = {
         boundaries=(100,),
         factors=(1.0, 0.1),
         retrain_steps=10,
+        report_steps=(5,),
         batch_size=50,
         k=4,
         n_train=300,
@@ -142,8 +146,10 @@ class PairedAdam:
     weight 0 in the batch mean. The Adam update is that of :func:`inflens.train.fit_adam`
     (bias-corrected moments, ``eps`` added to ``sqrt(v_hat)``), resumed from ``state``.
 
-    Called as ``retrain(keep [n] bool, theta0 [p]) -> theta`` by
-    :func:`inflens.validate.leave_one_out`.
+    Called as ``retrain(keep [n] bool, theta0 [p]) -> (theta, info)`` by
+    :func:`inflens.validate.leave_one_out`. With ``snapshots`` (step counts) and ``measure``
+    (``theta -> float``), ``info["snapshots"]`` holds the measurement after each of those steps,
+    so that one run gives the result of several retraining lengths.
     """
 
     __name__ = "paired_adam"
@@ -161,7 +167,11 @@ class PairedAdam:
         seed: int,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        snapshots: tuple[int, ...] = (),
+        measure: Any = None,
     ) -> None:
+        self.snapshots = {int(s_) for s_ in snapshots}
+        self.measure = measure
         self.obj, self.x, self.y = objective, x, y
         self.state, self.steps, self.b = state, int(steps), int(batch_size)
         self.lr, self.schedule, self.seed = lr, schedule, int(seed)
@@ -199,6 +209,7 @@ class PairedAdam:
         v = self.state["v"].detach().to(theta).clone()
         k0 = int(self.state["step"])
         weight = keep.to(theta.dtype)
+        snaps: dict[str, float] = {}
         for j, idx in enumerate(self.batches()):
             wb = weight[idx]
             g = self._grad(theta, self.x[idx], self.y[idx], wb)
@@ -207,7 +218,12 @@ class PairedAdam:
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             theta = theta - rate * (m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + self.eps)
-        return theta, {"steps": self.steps, "seconds": time.perf_counter() - t0}
+            if j + 1 in self.snapshots and self.measure is not None:
+                snaps[str(j + 1)] = float(self.measure(theta))
+        info: dict[str, Any] = {"steps": self.steps, "seconds": time.perf_counter() - t0}
+        if snaps:
+            info["snapshots"] = snaps
+        return theta, info
 
 
 def _fingerprint(cfg: Protocol) -> str:
@@ -241,6 +257,24 @@ def _load_trained(path: Path, cfg: Protocol, p: int) -> tuple[torch.Tensor, dict
         return None
     state = {"m": t["m"], "v": t["v"], "step": int(meta["step"]), "losses": t["losses"].tolist()}
     return t["theta"], state
+
+
+def _by_horizon(loo: Any, horizons: tuple[int, ...], predicted: np.ndarray) -> dict[str, Any]:
+    """Agreement after each recorded number of retraining steps (actual vs the continuation)."""
+    ref = (loo.info.get("reference_info") or {}).get("snapshots", {})
+    refits = [r.get("snapshots", {}) for r in loo.info["refits"]]
+    out: dict[str, Any] = {}
+    for h in horizons:
+        key = str(h)
+        if key not in ref or not all(key in r for r in refits):
+            continue  # e.g. refits reloaded from a checkpoint written without snapshots
+        a = np.array([r[key] for r in refits]) - ref[key]
+        out[key] = {
+            **correlations(a, predicted),
+            "actual_min": float(a.min()),
+            "actual_max": float(a.max()),
+        }
+    return out
 
 
 def _train_risk(obj: Objective, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor) -> float:
@@ -390,8 +424,24 @@ def run(
 
     # ---- leave-one-out by paired warm-started retraining
     t = time.perf_counter()
+
+    def measure(theta: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(obj.losses(theta.detach(), *test)[0])
+
+    horizons = tuple(sorted({*cfg.report_steps, cfg.retrain_steps}))
     retrain = PairedAdam(
-        obj, x, y, state, cfg.retrain_steps, cfg.batch_size, cfg.lr, schedule, cfg.retrain_seed
+        obj,
+        x,
+        y,
+        state,
+        cfg.retrain_steps,
+        cfg.batch_size,
+        cfg.lr,
+        schedule,
+        cfg.retrain_seed,
+        snapshots=horizons,
+        measure=measure,
     )
     loo = leave_one_out(
         inf,
@@ -420,6 +470,7 @@ def run(
     actual = loo.actual.numpy()
     actual_ref = loo.actual_vs_reference.numpy()
     predicted = loo.predicted.numpy()
+    by_horizon = _by_horizon(loo, horizons, predicted)
     c_tilde = correlations(actual, predicted)
     c_ref = correlations(actual_ref, predicted)
     fig, axes = new_figure(2, 1, (3.8, 3.8))
@@ -460,6 +511,7 @@ def run(
         "pearson_vs_continuation": c_ref["pearson"],
         "agreement_vs_theta_tilde": c_tilde,
         "agreement_vs_continuation": c_ref,
+        "by_retrain_steps": by_horizon,
         "continuation_drift": loo.reference_change,
         "unpaired_noise": unpaired_noise,
         "min_abs_actual_vs_continuation": float(np.abs(actual_ref).min()),
@@ -478,6 +530,7 @@ def run(
         f"[{NAME}] protocol {cfg.name}: Pearson R {c_tilde['pearson']:.4f} vs theta-tilde, "
         f"{c_ref['pearson']:.4f} vs continuation (slope {c_ref['slope']:.3f}); drift "
         f"{loo.reference_change:+.2e}, unpaired noise {unpaired_noise:+.2e}; "
-        f"{timings['total']:.0f} s",
+        f"{timings['total']:.0f} s; R by retraining steps: "
+        + ", ".join(f"{h}: {v['pearson']:.3f}" for h, v in by_horizon.items()),
     )
     return metrics
