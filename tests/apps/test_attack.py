@@ -232,5 +232,5 @@ def test_logistic_engine_solves_with_a_stale_preconditioner() -> None:
         eng = _LogisticEngine(L2, 0.0, 1e-12, max_pcg=max_pcg)
         eng._solve(theta_a, f, b, L2)  # factor at theta_a
         x = eng._solve(theta_b, f, b, L2)
-        torch.testing.assert_close(x, torch.linalg.solve(dense(theta_b), b.T).T, rtol=1e-10, atol=0)
+        torch.testing.assert_close(x, torch.linalg.solve(dense(theta_b), b.T).T, rtol=1e-8, atol=0)
     assert eng.stats["factorizations"] == 2
