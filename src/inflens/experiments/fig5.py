@@ -342,6 +342,41 @@ def run(
         wide_box_levels: also attack with a box of this many 8-bit levels (``None``: skip).
         seed: order in which targets are attacked.
     """
+    with _animals.threads_for(quick):
+        return _run(
+            data_dir,
+            out,
+            quick,
+            progress,
+            image_folder=image_folder,
+            classes=classes,
+            backbone=backbone,
+            size=size,
+            max_targets=max_targets,
+            paper_box_budget_s=paper_box_budget_s,
+            wide_box_budget_s=wide_box_budget_s,
+            wide_box_levels=wide_box_levels,
+            seed=seed,
+        )
+
+
+def _run(
+    data_dir: Path | None,
+    out: Path,
+    quick: bool = False,
+    progress: bool = True,
+    *,
+    image_folder: str | os.PathLike[str] | None = None,
+    classes: Sequence[str] | None = None,
+    backbone: nn.Module | None = None,
+    size: int | None = None,
+    max_targets: int | None = None,
+    paper_box_budget_s: float | None = None,
+    wide_box_budget_s: float | None = None,
+    wide_box_levels: float | None = 8.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The body of :func:`run`."""
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
