@@ -68,3 +68,31 @@ def test_bad_damping_and_chunk_budget() -> None:
     assert auto_chunk_size(10_000, 1000, 8, budget_bytes=8 * 1000 * 64) == 64
     assert auto_chunk_size(10, 1000, 8, budget_bytes=8 * 1000 * 64) == 10
     assert auto_chunk_size(10, 10**9, 8) == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["logreg_binary", "logreg_multiclass", "smooth_hinge_svm", "mlp_top_layer"]
+)
+def test_dense_in_closed_form_for_a_linear_layer(name: str) -> None:
+    """theta = one Linear layer on frozen features: ``A`` from ``sum_i J_i^T Lambda_i J_i``
+    without a single Hessian-vector product, equal to the explicit float64 Hessian."""
+    from cases import fitted
+
+    case = fitted(name)
+    curv = _curv(case, damping=0.2)
+    dense = curv.dense()
+    assert curv.num_matvecs == 0, "the closed form was not used"
+    a = case.hess + 0.2 * torch.eye(curv.p, dtype=DT)
+    assert rel_err(dense, a) < 1e-12 and torch.equal(dense, dense.T)
+    # the same objective with the closed form switched off takes p products, same matrix
+    slow = _curv(case, damping=0.2)
+    slow.objective.use_linear_head = False
+    assert rel_err(slow.dense(), dense) < 1e-12 and slow.num_matvecs == curv.p
+
+
+def test_dense_falls_back_for_a_hidden_layer() -> None:
+    from cases import fitted
+
+    case = fitted("mlp_tanh")
+    curv = _curv(case)
+    assert rel_err(curv.dense(), case.hess) < 1e-12 and curv.num_matvecs == curv.p

@@ -86,6 +86,75 @@ class LinearHead:
             e = torch.zeros_like(s)
         return phi, e.detach()
 
+    def output_hessians(
+        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(phi [B, d], Lambda [B, C, C])``: layer inputs and ``d^2 l_i / d s_i^2``.
+
+        ``C`` backward passes through the loss only (never through the network): examples are
+        independent, so the gradient of ``sum_i e_i[c]`` with respect to ``s`` holds row ``c``
+        of every ``Lambda_i``.
+        """
+        obj = self.objective
+        seen: list[torch.Tensor] = []
+
+        def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            seen.append(inputs[0].detach())
+            s = output.detach().requires_grad_(True)
+            seen.append(s)
+            return s
+
+        handle = self.module.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                vals = obj.losses(theta.detach(), x, y)
+                if len(seen) != 2:
+                    raise ValueError(f"the layer was called {len(seen) // 2} times")
+                phi, s = seen
+                (e,) = torch.autograd.grad(vals.sum(), s, create_graph=True)
+                rows = []
+                for c in range(s.shape[1]):
+                    (r,) = (
+                        torch.autograd.grad(e[:, c].sum(), s, retain_graph=True, allow_unused=True)
+                        if e.requires_grad
+                        else (None,)
+                    )
+                    rows.append(torch.zeros_like(s) if r is None else r)
+        finally:
+            handle.remove()
+        return phi, torch.stack(rows, 1).detach()
+
+    def curvature_sum(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``[p, p]``: ``sum_i J_i^T Lambda_i J_i`` in theta's order.
+
+        The outputs ``s_i = W phi_i + b`` are linear in theta, so this is the Hessian of
+        ``sum_i l_i`` exactly (and its Gauss-Newton matrix): with ``phi~ = (phi, 1)``, block
+        ``(a, b)`` is ``sum_i Lambda_i[a, b] phi~_i phi~_i^T``, one ``[D, B] x [B, D]``
+        product per pair of classes.
+        """
+        phi, lam = self.output_hessians(theta, x, y)
+        c, d = self.out_features, self.in_features
+        has_bias = any(kind == "bias" for kind, _ in self.parts)
+        if has_bias:
+            phi = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], 1)
+        dd = phi.shape[1]
+        h = phi.new_zeros(c, dd, c, dd)
+        for a in range(c):
+            for b in range(a, c):
+                blk = (phi * lam[:, a, b, None]).T @ phi
+                h[a, :, b, :] = blk
+                if b != a:
+                    h[b, :, a, :] = blk
+        perm = []
+        rows = torch.arange(c, device=phi.device)[:, None] * dd
+        for kind, _ in self.parts:
+            if kind == "weight":
+                perm.append((rows + torch.arange(d, device=phi.device)[None, :]).reshape(-1))
+            else:
+                perm.append(rows[:, 0] + d)
+        idx = torch.cat(perm)
+        return h.reshape(c * dd, c * dd)[idx][:, idx]
+
     # ------------------------------------------------------------------ closed forms
     def per_example_grads(
         self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, which: str = "loss"

@@ -234,3 +234,40 @@ def test_logistic_engine_solves_with_a_stale_preconditioner() -> None:
         x = eng._solve(theta_b, f, b, L2)
         torch.testing.assert_close(x, torch.linalg.solve(dense(theta_b), b.T).T, rtol=1e-8, atol=0)
     assert eng.stats["factorizations"] == 2
+
+
+def test_run_many_equals_one_run_per_target() -> None:
+    """The batched attacks (one matrix product for all of them, poisoned rows corrected per
+    attack) are the per-target attacks: same steps, same early stops, same refits."""
+    obj, train, test = _problem(n=40, m=6)
+    atk = TrainingSetAttack(obj, train, step=0.05, box=PixelBox(0.4))
+    targets = (test[0], test[1])
+    ranked, _ = atk.rank_each(targets, top=3, strategy="per_target")
+    for k in (1, 3):
+        many = atk.run_many(targets, ranked[:, :k], iterations=25)
+        assert type(atk.engine).__name__ == "_LogisticEngine" and len(many) == 6
+        for t, res in enumerate(many):
+            one = atk.run((test[0][t : t + 1], test[1][t : t + 1]), ranked[t, :k], iterations=25)
+            assert (res.iterations, res.success) == (one.iterations, one.success)
+            assert res.indices.tolist() == ranked[t, :k].tolist()
+            torch.testing.assert_close(res.x_poisoned, one.x_poisoned, rtol=0, atol=1e-12)
+            torch.testing.assert_close(res.theta, one.theta, rtol=1e-8, atol=1e-10)
+            torch.testing.assert_close(res.feature_change, one.feature_change)
+            assert res.target_loss_after == pytest.approx(one.target_loss_after, rel=1e-8)
+            assert [h["n_flipped"] for h in res.history] == [h["n_flipped"] for h in one.history]
+    # some attacks stop early and some run to the end, so the masking is exercised
+    assert {r.iterations for r in many} != {25}
+    with pytest.raises(InputError, match="one row per target"):
+        atk.run_many(targets, ranked[:3, :1])
+    with pytest.raises(InputError, match="repeats"):
+        atk.run_many(targets, torch.zeros(6, 2, dtype=torch.long))
+
+
+def test_run_many_without_the_closed_form_loops_over_run() -> None:
+    obj, train, test = _problem(n=24, m=2)
+    generic = TrainingSetAttack(obj, train, step=0.05, box=PixelBox(0.2), solver=CG(tol=1e-13))
+    ranked, _ = generic.rank_each((test[0], test[1]), top=2, strategy="per_target")
+    many = generic.run_many((test[0], test[1]), ranked, iterations=3, early_stop=False)
+    for t, res in enumerate(many):
+        one = generic.run((test[0][t : t + 1], test[1][t : t + 1]), ranked[t], 3, False)
+        torch.testing.assert_close(res.theta, one.theta, rtol=0, atol=0)

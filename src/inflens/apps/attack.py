@@ -348,20 +348,31 @@ class _LogisticEngine:
     of ``H`` at an earlier theta (an attack changes a few rows of ``F`` and theta a
     little per step, so a handful of ``O(n p)`` products reach the tolerance);
     the factor is recomputed whenever that takes more than ``max_pcg`` iterations.
-    Relative residual tolerance of the solves: ``rtol`` (1e-10). Refits are
-    Newton steps solved the same way, with Armijo backtracking, to ``||grad|| <= tol``. Same
-    numbers as :class:`_GenericEngine` with the exact solver and a Newton refit, without
-    forming ``H`` (``O(n p^2)``) on every call.
+    Relative residual tolerance of the solves: ``rtol`` (1e-10); each solve starts from the
+    previous solution of the same shape (the attack's ``s_test`` moves little per step).
+    Refits are chord-Newton steps ``theta <- theta - H_old^-1 grad`` (two ``O(n p)`` products
+    each, no inner solve) while they shrink the gradient norm by at least ``chord_rate``;
+    otherwise a full Newton step solved as above, with Armijo backtracking. Either way they
+    run to ``||grad|| <= tol``. Same numbers as :class:`_GenericEngine` with the exact solver
+    and a Newton refit, without forming ``H`` (``O(n p^2)``) on every call.
     """
 
     dtype = torch.float64
 
     def __init__(
-        self, l2: float, damping: float, tol: float, max_pcg: int = 30, rtol: float = 1e-10
+        self,
+        l2: float,
+        damping: float,
+        tol: float,
+        max_pcg: int = 30,
+        rtol: float = 1e-10,
+        chord_rate: float = 0.5,
     ) -> None:
         self.l2, self.damping, self.tol, self.max_pcg, self.rtol = l2, damping, tol, max_pcg, rtol
+        self.chord_rate = chord_rate
         self._inv: torch.Tensor | None = None  # (H + (l2 + damping) I)^-1 at an earlier theta
-        self.stats = {"factorizations": 0, "pcg_iterations": 0, "solves": 0}
+        self._warm: dict[tuple[int, float], torch.Tensor] = {}  # last solution per (rows, shift)
+        self.stats = {"factorizations": 0, "pcg_iterations": 0, "solves": 0, "chord_steps": 0}
 
     @staticmethod
     def _signs(y: torch.Tensor) -> torch.Tensor:
@@ -395,7 +406,8 @@ class _LogisticEngine:
             if shift == own:
                 return b @ self._inv
         inv = self._inv
-        x = b @ inv
+        warm = self._warm.get((b.shape[0], shift))
+        x = warm.clone() if warm is not None and warm.shape == b.shape else b @ inv
         r = b - hvp(x)
         z = r @ inv
         d = z.clone()
@@ -403,6 +415,7 @@ class _LogisticEngine:
         bnorm = b.norm(dim=1).clamp_min(1e-300)
         for _ in range(self.max_pcg):
             if bool((r.norm(dim=1) <= self.rtol * bnorm).all()):
+                self._warm[(b.shape[0], shift)] = x
                 return x
             self.stats["pcg_iterations"] += 1
             hd = hvp(d)
@@ -414,11 +427,14 @@ class _LogisticEngine:
             d = z + (rz_new / rz)[:, None] * d
             rz = rz_new
         if bool((r.norm(dim=1) <= self.rtol * bnorm).all()):
+            self._warm[(b.shape[0], shift)] = x
             return x
         # the preconditioner is stale: factor H here and solve directly
         self._inv = self._factor(w, f, own)
         inv = self._inv if shift == own else self._factor(w, f, shift)
-        return b @ inv
+        x = b @ inv
+        self._warm[(b.shape[0], shift)] = x
+        return x
 
     def _risk(self, theta, f, ys) -> torch.Tensor:
         return F.softplus(-ys * (f @ theta)).mean() + 0.5 * self.l2 * theta @ theta
@@ -446,10 +462,24 @@ class _LogisticEngine:
     def refit(self, theta0, f, y) -> torch.Tensor:
         ys = self._signs(y)
         theta = theta0.detach().to(torch.float64).clone()
+        g = self._grad(theta, f, ys)
+        gnorm = float(g.norm())
+        # chord steps with the cached inverse Hessian (the shift differs by `damping`, which
+        # only slows the contraction); accepted only while the gradient norm shrinks fast
+        if self._inv is not None and self.damping == 0.0:
+            for _ in range(50):
+                if gnorm <= self.tol:
+                    return theta
+                cand = theta - g @ self._inv
+                g1 = self._grad(cand, f, ys)
+                g1norm = float(g1.norm())
+                if not g1norm <= self.chord_rate * gnorm:
+                    break
+                self.stats["chord_steps"] += 1
+                theta, g, gnorm = cand, g1, g1norm
         f0 = self._risk(theta, f, ys)
         for _ in range(100):
-            g = self._grad(theta, f, ys)
-            if float(g.norm()) <= self.tol:
+            if gnorm <= self.tol:
                 break
             step = self._solve(theta, f, g[None, :], self.l2)[0]
             slope = float(g @ step)
@@ -463,6 +493,8 @@ class _LogisticEngine:
             if t < 1e-12:
                 break
             theta, f0 = cand, f1
+            g = self._grad(theta, f, ys)
+            gnorm = float(g.norm())
         return theta
 
     def outputs(self, theta, f) -> torch.Tensor:
@@ -470,6 +502,125 @@ class _LogisticEngine:
 
     def measurements(self, theta, f, y) -> torch.Tensor:
         return F.softplus(-self._signs(y) * self.outputs(theta, f))
+
+
+class _BatchedLogistic:
+    """:class:`_LogisticEngine`'s algebra for ``K`` independent attacks at once.
+
+    Attack ``t`` has its own theta ``theta_t`` and replaces the rows ``P_t`` (``k`` of them) of
+    the clean feature matrix ``F`` by its poisoned features ``Fp_t``. Every product with ``F``
+    is one ``[K, p] x [p, n]`` matrix product for all attacks (compute-bound, where ``K``
+    separate attacks would each stream ``F`` from memory), followed by a rank-``k`` correction
+    for the rows each attack changed. Solves are conjugate gradients preconditioned by the
+    clean ``(H + (l2 + damping) I)^-1`` with per-row convergence; refits are chord-Newton
+    steps with that inverse, falling back to preconditioned Newton steps with a per-row Armijo
+    line search, to ``||grad|| <= tol`` for every row.
+    """
+
+    def __init__(
+        self, eng: _LogisticEngine, f: torch.Tensor, y: torch.Tensor, theta0: torch.Tensor
+    ) -> None:
+        self.eng, self.f, self.n = eng, f, f.shape[0]
+        self.ys = eng._signs(y)
+        self.inv = eng._factor(eng._curv(theta0, f), f, eng.l2 + eng.damping)
+
+    # rows P [K, k], poisoned features fp [K, k, p]
+    def margins(self, th: torch.Tensor, P: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+        """``z = F_t theta_t`` for every attack ``[K, n]``."""
+        z = th @ self.f.T
+        return z.scatter(1, P, (fp * th[:, None, :]).sum(-1))
+
+    def _apply_t(self, u: torch.Tensor, P: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+        """``F_t^T u_t / n`` for every attack (``u [K, n]``)."""
+        out = u @ self.f
+        up = u.gather(1, P)  # [K, k]
+        out += (up[..., None] * (fp - self.f[P])).sum(1)
+        return out / self.n
+
+    def risk(self, th, P, fp) -> torch.Tensor:
+        z = self.margins(th, P, fp)
+        return F.softplus(-self.ys * z).mean(1) + 0.5 * self.eng.l2 * (th * th).sum(1)
+
+    def grad(self, th, P, fp) -> torch.Tensor:
+        z = self.margins(th, P, fp)
+        return self._apply_t(-self.ys * torch.sigmoid(-self.ys * z), P, fp) + self.eng.l2 * th
+
+    def solve(self, th, P, fp, b, shift: float, x0: torch.Tensor | None = None) -> torch.Tensor:
+        """``(F_t^T W_t F_t / n + shift I)^-1 b_t`` for every row, PCG to rtol."""
+        eng = self.eng
+        z = self.margins(th, P, fp)
+        w = torch.sigmoid(z) * torch.sigmoid(-z)
+
+        def hvp(v: torch.Tensor) -> torch.Tensor:
+            u = self.margins(v, P, fp) * w
+            return self._apply_t(u, P, fp) + shift * v
+
+        inv = self.inv
+        x = b @ inv if x0 is None else x0.clone()
+        r = b - hvp(x)
+        zr = r @ inv
+        d = zr.clone()
+        rz = (r * zr).sum(1)
+        tol = eng.rtol * b.norm(dim=1).clamp_min(1e-300)
+        for _ in range(10 * max(eng.max_pcg, 1)):
+            live = r.norm(dim=1) > tol
+            if not bool(live.any()):
+                return x
+            eng.stats["pcg_iterations"] += 1
+            hd = hvp(d)
+            alpha = torch.where(live, rz / (d * hd).sum(1), torch.zeros_like(rz))
+            x = x + alpha[:, None] * d
+            r = r - alpha[:, None] * hd
+            zr = r @ inv
+            rz_new = (r * zr).sum(1)
+            beta = torch.where(live, rz_new / rz, torch.zeros_like(rz))
+            d = zr + beta[:, None] * d
+            rz = torch.where(live, rz_new, rz)
+        if bool((r.norm(dim=1) > tol).any()):
+            raise SolverDivergedError(
+                "batched attack: a conjugate-gradient solve did not reach its tolerance; the "
+                "clean-data preconditioner is too far from the poisoned Hessian (use run())"
+            )
+        return x
+
+    def refit(self, th, P, fp) -> torch.Tensor:
+        """Exact refits of every row to ``||grad|| <= tol`` (warm start ``th``)."""
+        eng = self.eng
+        th = th.clone()
+        g = self.grad(th, P, fp)
+        gn = g.norm(dim=1)
+        for _ in range(200):
+            act = gn > eng.tol
+            if not bool(act.any()):
+                return th
+            a = act.nonzero()[:, 0]
+            ta, ga, gna, Pa, fa = th[a], g[a], gn[a], P[a], fp[a]
+            cand = ta - ga @ self.inv
+            g1 = self.grad(cand, Pa, fa)
+            g1n = g1.norm(dim=1)
+            ok = g1n <= eng.chord_rate * gna
+            eng.stats["chord_steps"] += int(ok.sum())
+            if not bool(ok.all()):
+                bad = (~ok).nonzero()[:, 0]
+                tb, gb, Pb, fb = ta[bad], ga[bad], Pa[bad], fa[bad]
+                step = self.solve(tb, Pb, fb, gb, eng.l2)
+                slope = (gb * step).sum(1)
+                f0 = self.risk(tb, Pb, fb)
+                t = torch.ones_like(slope)
+                for _ls in range(45):
+                    c = tb - t[:, None] * step
+                    fail = self.risk(c, Pb, fb) > f0 - 1e-4 * t * slope
+                    if not bool(fail.any()):
+                        break
+                    t = torch.where(fail, 0.5 * t, t)
+                c = tb - t[:, None] * step
+                cand[bad] = c
+                g1[bad] = self.grad(c, Pb, fb)
+                g1n = g1.norm(dim=1)
+            th[a], g[a], gn[a] = cand, g1, g1n
+        raise SolverDivergedError(
+            f"batched refit did not converge (largest gradient norm {float(gn.max()):.2e})"
+        )
 
 
 def _is_linear_head(head: nn.Module, obj: Objective, f: torch.Tensor) -> bool:
@@ -823,6 +974,140 @@ class TrainingSetAttack:
             history=history,
             seconds=time.perf_counter() - t_start,
         )
+
+    def run_many(
+        self,
+        targets: tuple[torch.Tensor, torch.Tensor],
+        indices: torch.Tensor,
+        iterations: int = 100,
+        early_stop: bool = True,
+        step: float | None = None,
+        batch: int = 256,
+    ) -> list[AttackResult]:
+        """``K`` independent single-target attacks: attack ``t`` poisons ``indices[t]`` against
+        target ``t``, exactly as ``run((X_T[t:t+1], y_T[t:t+1]), indices[t])`` would.
+
+        For the closed-form logistic top layer the ``K`` attacks run together, ``batch`` at a
+        time: each product with the training features is one matrix-matrix product for all of
+        them, and the poisoned images of all attacks pass through the extractor as one batch.
+        Otherwise this is a loop over :meth:`run`. ``seconds`` of each result is its share of
+        the batch's wall time.
+
+        Args:
+            targets: ``(X_T [K, ...], y_T [K])``, one target per attack.
+            indices: ``[K, k]`` training indices to poison (the same ``k`` for every attack).
+        """
+        x_t, y_t = targets
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if idx.ndim != 2 or idx.shape[0] != x_t.shape[0] or x_t.shape[0] != y_t.shape[0]:
+            raise InputError(
+                f"indices must be [K, k] with one row per target; got {tuple(idx.shape)} for "
+                f"{x_t.shape[0]} targets and {y_t.shape[0]} labels"
+            )
+        if idx.shape[0] == 0 or idx.shape[1] == 0:
+            raise InputError("run_many needs at least one target and one index per target")
+        if int(idx.min()) < 0 or int(idx.max()) >= self.x.shape[0]:
+            raise InputError(f"indices must lie in [0, {self.x.shape[0] - 1}]")
+        if bool((idx.sort(1).values.diff(dim=1) == 0).any()):
+            raise InputError("a row of indices contains repeats")
+        if not (self.fast and isinstance(self.engine, _LogisticEngine)):
+            return [
+                self.run((x_t[t : t + 1], y_t[t : t + 1]), idx[t], iterations, early_stop, step)
+                for t in range(idx.shape[0])
+            ]
+        out: list[AttackResult] = []
+        for s in range(0, idx.shape[0], int(batch)):
+            sl = slice(s, s + int(batch))
+            out += self._run_batched(x_t[sl], y_t[sl], idx[sl], iterations, early_stop, step)
+        return out
+
+    def _run_batched(self, x_t, y_t, P, iterations, early_stop, step) -> list[AttackResult]:
+        t_start = time.perf_counter()
+        eng = self.engine
+        assert isinstance(eng, _LogisticEngine)
+        alpha = self.step if step is None else float(step)
+        K, k = P.shape
+        theta0 = self.theta0.to(torch.float64)
+        B = _BatchedLogistic(eng, self.f, self.y, theta0)
+        ft = self._target_inputs(x_t)  # [K, p]
+        yts = eng._signs(y_t)
+        x0 = self.x[P.reshape(-1)].reshape(K, k, *self.x.shape[1:]).clone()
+        xp = x0.clone()
+        fp0 = self.f[P].clone()  # [K, k, p]
+        fp = fp0.clone()
+        yp = self.y[P]  # [K, k]
+        th = theta0.expand(K, -1).clone()
+        s_prev: torch.Tensor | None = None
+
+        cls = _as_class(y_t)
+
+        def state(th_: torch.Tensor, rows: torch.Tensor | slice = slice(None)):
+            z = (ft[rows] * th_).sum(1)
+            m = yts[rows] * z
+            return (z > 0).long() != cls[rows], F.softplus(-m), torch.sigmoid(m)
+
+        flipped, loss0, p0 = state(th)
+        correct0 = ~flipped
+        done_it = torch.zeros(K, dtype=torch.long)
+        live = torch.ones(K, dtype=torch.bool)
+        history: list[list[dict[str, float]]] = [[] for _ in range(K)]
+        for _ in range(iterations):
+            if early_stop:
+                live &= ~(correct0 & flipped)
+            if not bool(live.any()):
+                break
+            a = live.nonzero()[:, 0]
+            Pa, fa, tha = P[a], fp[a], th[a]
+            # 1. s_test at the current theta of every live attack (warm start)
+            gt = (-yts[a] * torch.sigmoid(-yts[a] * (ft[a] * tha).sum(1)))[:, None] * ft[a]
+            x_init = None if s_prev is None else s_prev[a]
+            s = B.solve(tha, Pa, fa, gt, eng.l2 + eng.damping, x_init)
+            if s_prev is None:
+                s_prev = torch.zeros(K, s.shape[1], dtype=s.dtype)
+            s_prev[a] = s
+            # 2-3. feature-space gradients, then through the extractor in one batch
+            ysp = eng._signs(yp[a])  # [A, k]
+            zp = (fa * tha[:, None, :]).sum(-1)
+            coef_s = -ysp * torch.sigmoid(-ysp * zp)  # [A, k]
+            coef_t = torch.sigmoid(zp) * torch.sigmoid(-zp) * (fa * s[:, None, :]).sum(-1)
+            u = coef_s[..., None] * s[:, None, :] + coef_t[..., None] * tha[:, None, :]
+            A = a.numel()
+            xa = xp[a].reshape(A * k, *self.x.shape[1:])
+            g = self._pixel_grads(u.reshape(A * k, -1), xa)
+            xa = self.box.project(xa - alpha * torch.sign(g), x0[a].reshape_as(xa))
+            xp[a] = xa.reshape(A, k, *self.x.shape[1:])
+            # 4. new features of the poisoned images
+            fp[a] = self._features(xa).reshape(A, k, -1)
+            # 5. exact refits
+            th[a] = B.refit(tha, Pa, fp[a])
+            fl, ls, _ = state(th[a], a)
+            flipped[a] = fl
+            done_it[a] += 1
+            nf = (fl & correct0[a]).long().tolist()
+            for r, t in enumerate(a.tolist()):
+                history[t].append({"target_loss": float(ls[r]), "n_flipped": nf[r]})
+        flipped, loss1, p1 = state(th)
+        share = (time.perf_counter() - t_start) / K
+        return [
+            AttackResult(
+                indices=P[t].clone(),
+                x_poisoned=xp[t].detach(),
+                x_original=x0[t],
+                theta=th[t].detach(),
+                theta_original=self.theta0.detach().clone(),
+                iterations=int(done_it[t]),
+                flipped=flipped[t : t + 1],
+                initially_correct=correct0[t : t + 1],
+                target_loss_before=float(loss0[t]),
+                target_loss_after=float(loss1[t]),
+                prob_true_before=p0[t : t + 1],
+                prob_true_after=p1[t : t + 1],
+                feature_change=(fp[t] - fp0[t]).norm(dim=1),
+                history=history[t],
+                seconds=share,
+            )
+            for t in range(K)
+        ]
 
     def run_schedule(
         self,
