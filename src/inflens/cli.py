@@ -36,6 +36,12 @@ def default_data_dir() -> Path | None:
     return guess if guess.is_dir() else None
 
 
+THREADS_HELP = (
+    "torch intra-op threads (default: torch's choice); 1 is often much faster for small "
+    "problems on a machine shared with other jobs"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="inflens",
@@ -50,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--loo", type=int, default=40, help="points to check by retraining")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
     rep = sub.add_parser("reproduce", help="reproduce a figure of the paper on real data")
     rep.add_argument("name", help="experiment name (see `inflens reproduce list`)")
@@ -57,8 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--out", type=Path, default=None, help="output folder (default runs/NAME)")
     rep.add_argument("--quick", action="store_true", help="small subsample, under a minute")
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
+    rep.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.command == "demo":
         from .experiments.demo import run_demo
 
