@@ -197,3 +197,25 @@ def test_killed_scoring_run_resumes_and_matches(tmp_path: Path) -> None:
     b = load_file(str(tmp_path / "b.safetensors"))["scores"]
     assert a.shape == (4, 600)
     assert torch.equal(a, b)
+
+
+def test_gauss_newton_artifact_reloads_as_gauss_newton(tmp_path: Path) -> None:
+    """The curvature kind is part of the artifact: a CG fit on the GGN, reloaded, solves with
+    the GGN again (the Hessian would give other scores on this non-linear model)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(60, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(3, (60,), generator=g)
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    obj = Objective(model, "cross_entropy", l2=0.05)
+    test = (x[:3], y[:3])
+    ggn = Influence(obj, (x, y), solver=CG(tol=1e-12), damping=0.5, curvature="ggn",
+                    progress=False).fit()  # fmt: skip
+    hess = Influence(obj, (x, y), solver=CG(tol=1e-12), damping=0.5, progress=False).fit()
+    expected, other = ggn.loss_influence(test), hess.loss_influence(test)
+    assert float((expected - other).abs().max()) > 1e-3 * float(expected.abs().max())
+    ggn.save(tmp_path / "ggn")
+    assert json.loads((tmp_path / "ggn" / "config.json").read_text())["curvature"] == "ggn"
+    loaded = Influence.load(tmp_path / "ggn", obj, (x, y), progress=False)
+    assert loaded.curvature == "ggn" and loaded.curvature_.curvature == "ggn"
+    torch.testing.assert_close(loaded.loss_influence(test), expected, rtol=1e-9, atol=1e-12)

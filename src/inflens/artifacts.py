@@ -194,6 +194,7 @@ def influence_config(inf: Influence) -> dict[str, Any]:
         "solver": inf.solver.name,
         "solver_class": f"{type(inf.solver).__module__}.{type(inf.solver).__qualname__}",
         "damping": inf.damping,
+        "curvature": inf.curvature,
         "batch_size": inf.batch_size,
         "chunk_size": curv.chunk_size,
         "scoring": inf.scoring,
@@ -267,6 +268,8 @@ def load_influence(
         batch_size=cfg["batch_size"],
         progress=progress,
         scoring=cfg["scoring"],
+        # artifacts written before the curvature kind was recorded were all fitted on H
+        curvature=cfg.get("curvature", "hessian"),
     )
     if len(inf.train) != cfg["n_train"]:
         raise ArtifactMismatchError(
@@ -277,6 +280,7 @@ def load_influence(
         _check(cfg, "data_fingerprint", data_fingerprint(inf.train), folder, "training data",
                _DATA_FIX)  # fmt: skip
     curv = inf.curvature_class(objective, inf.train, cfg["damping"], cfg["chunk_size"], progress)
+    curv.curvature = inf.curvature
     solver.curvature_ = curv
     inf.curvature_ = curv
     inf.n_train_ = curv.n
