@@ -257,6 +257,14 @@ def test_run_many_equals_one_run_per_target() -> None:
             assert [h["n_flipped"] for h in res.history] == [h["n_flipped"] for h in one.history]
     # some attacks stop early and some run to the end, so the masking is exercised
     assert {r.iterations for r in many} != {25}
+    # no PCG step allowed: every solve falls back to the attack's own explicit Hessian
+    atk.engine.max_pcg = 0
+    before = atk.engine.stats["factorizations"]
+    direct = atk.run_many(targets, ranked[:, :k], iterations=25)
+    assert atk.engine.stats["factorizations"] - before > 6 * 5
+    for res, ref in zip(direct, many):
+        assert (res.iterations, res.success) == (ref.iterations, ref.success)
+        torch.testing.assert_close(res.theta, ref.theta, rtol=1e-8, atol=1e-10)
     with pytest.raises(InputError, match="one row per target"):
         atk.run_many(targets, ranked[:3, :1])
     with pytest.raises(InputError, match="repeats"):
