@@ -37,6 +37,12 @@ def test_load_into_model_round_trip(case: Fitted) -> None:
     obj.load_into_model(new)
     named = dict(obj.model.named_parameters())
     torch.testing.assert_close(torch.cat([named[n].detach().reshape(-1) for n in obj.names]), new)
+    # the objective computes at the loaded theta from now on, not at a stale copy
+    assert torch.equal(obj.theta, new)
+    x, y = case.x[:3], case.y[:3]
+    torch.testing.assert_close(obj.losses(obj.theta, x, y), obj.losses(new, x, y))
+    with pytest.raises(InputError, match="theta must have shape"):
+        obj.load_into_model(new[:-1])
 
 
 def test_parameter_selection() -> None:

@@ -149,17 +149,29 @@ class Curvature:
         ``p`` Hessian-vector products.
         """
         obj = self.objective
-        total = torch.zeros(self.p, self.p, dtype=self.dtype, device=self.device)
+        blocks, head = None, None
         with obj.evaluating():
             for _, x, y in self.chunks("Hessian (closed form)"):
                 head = obj.linear_head(x, y)
                 if head is None:
                     return None
                 try:
-                    total += head.curvature_sum(obj.theta, x, y)
+                    blocks = head.curvature_blocks(obj.theta, x, y, blocks)
                 except (ValueError, RuntimeError):
                     return None
-        self.all_reduce(total)
+        if head is None or blocks is None:  # no data on this rank: probe on the full set
+            first = next(iter(self.data.chunks(min(self.n, 8))), None)
+            if first is None:
+                return None
+            _, x, y = first
+            head = obj.linear_head(x.to(self.device), y.to(self.device))
+            if head is None:
+                return None
+            dd = head.in_features + int(head.has_bias)
+            c = head.out_features
+            blocks = torch.zeros(c, dd, c, dd, dtype=self.dtype, device=self.device)
+        self.all_reduce(blocks)
+        total = head.to_theta_order(blocks)
         total /= self.n
         total.diagonal().add_(self.shift)
         return 0.5 * (total + total.T)

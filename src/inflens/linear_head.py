@@ -124,36 +124,58 @@ class LinearHead:
             handle.remove()
         return phi, torch.stack(rows, 1).detach()
 
-    def curvature_sum(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``[p, p]``: ``sum_i J_i^T Lambda_i J_i`` in theta's order.
+    @property
+    def has_bias(self) -> bool:
+        return any(kind == "bias" for kind, _ in self.parts)
 
-        The outputs ``s_i = W phi_i + b`` are linear in theta, so this is the Hessian of
-        ``sum_i l_i`` exactly (and its Gauss-Newton matrix): with ``phi~ = (phi, 1)``, block
-        ``(a, b)`` is ``sum_i Lambda_i[a, b] phi~_i phi~_i^T``, one ``[D, B] x [B, D]``
-        product per pair of classes.
+    def curvature_blocks(
+        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[C, D, C, D]`` (``D = d + 1`` with a bias): upper blocks ``a <= b`` of
+        ``sum_i J_i^T Lambda_i J_i`` in the layout ``(class, feature)``, added to ``out``.
+
+        The outputs ``s_i = W phi_i + b`` are linear in theta, so the full matrix
+        (:meth:`to_theta_order`) is the Hessian of ``sum_i l_i`` exactly (and its Gauss-Newton
+        matrix): with ``phi~ = (phi, 1)``, block ``(a, b)`` is
+        ``sum_i Lambda_i[a, b] phi~_i phi~_i^T``, one ``[D, B] x [B, D]`` product per pair.
         """
         phi, lam = self.output_hessians(theta, x, y)
-        c, d = self.out_features, self.in_features
-        has_bias = any(kind == "bias" for kind, _ in self.parts)
-        if has_bias:
+        c = self.out_features
+        if self.has_bias:
             phi = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], 1)
         dd = phi.shape[1]
-        h = phi.new_zeros(c, dd, c, dd)
+        if out is None:
+            out = phi.new_zeros(c, dd, c, dd)
         for a in range(c):
             for b in range(a, c):
-                blk = (phi * lam[:, a, b, None]).T @ phi
-                h[a, :, b, :] = blk
-                if b != a:
-                    h[b, :, a, :] = blk
+                out[a, :, b, :] += (phi * lam[:, a, b, None]).T @ phi
+        return out
+
+    def to_theta_order(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The ``[p, p]`` matrix in theta's order from the upper blocks of
+        :meth:`curvature_blocks` (the lower blocks are their mirror images)."""
+        c, dd = blocks.shape[0], blocks.shape[1]
+        for a in range(c):
+            for b in range(a + 1, c):
+                blocks[b, :, a, :] = blocks[a, :, b, :].T
         perm = []
-        rows = torch.arange(c, device=phi.device)[:, None] * dd
+        rows = torch.arange(c, device=blocks.device)[:, None] * dd
         for kind, _ in self.parts:
             if kind == "weight":
-                perm.append((rows + torch.arange(d, device=phi.device)[None, :]).reshape(-1))
+                cols = torch.arange(self.in_features, device=blocks.device)[None, :]
+                perm.append((rows + cols).reshape(-1))
             else:
-                perm.append(rows[:, 0] + d)
+                perm.append(rows[:, 0] + self.in_features)
         idx = torch.cat(perm)
-        return h.reshape(c * dd, c * dd)[idx][:, idx]
+        flat = blocks.reshape(c * dd, c * dd)
+        if idx.numel() == flat.shape[0] and bool((idx == torch.arange(idx.numel())).all()):
+            return flat  # weight only, or weight then bias: already theta's order
+        return flat[idx][:, idx]
+
+    def curvature_sum(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``[p, p]``: ``sum_i J_i^T Lambda_i J_i`` in theta's order (see
+        :meth:`curvature_blocks`)."""
+        return self.to_theta_order(self.curvature_blocks(theta, x, y))
 
     # ------------------------------------------------------------------ closed forms
     def per_example_grads(

@@ -152,11 +152,18 @@ class Objective:
         return {n: part.view(s) for n, part, s in zip(self.names, parts, self.shapes)}
 
     def load_into_model(self, theta: torch.Tensor) -> None:
-        """Copy a flat theta into the model's selected parameters (in place)."""
+        """Copy a flat theta into the model's selected parameters (in place) and make it this
+        objective's theta (every later computation uses it; an :class:`~inflens.Influence`
+        fitted before must be fitted again)."""
+        if theta.shape != self.theta.shape:
+            raise InputError(
+                f"theta must have shape {tuple(self.theta.shape)}, got {tuple(theta.shape)}"
+            )
         named = dict(self.model.named_parameters())
         with torch.no_grad():
             for n, v in self.unflatten(theta).items():
                 named[n].copy_(v)
+        self.theta = theta.detach().to(self.theta.dtype).clone()
 
     # ------------------------------------------------------------------ data checks
     def prepare(
