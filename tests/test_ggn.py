@@ -68,7 +68,13 @@ def test_ggn_products_equal_explicit_jt_lambda_j(name, model, loss, x, y) -> Non
     obj = Objective(model, loss, l2=0.1)
     curv = Curvature(obj, Data((x, y)), damping=0.2, progress=False, curvature="ggn")
     want = explicit_ggn(model, obj, loss, x, y) + 0.3 * torch.eye(obj.p, dtype=DT)
-    assert rel_err(curv.dense(), want) < 1e-12
+    dense = curv.dense()
+    assert rel_err(dense, want) < 1e-12 and torch.equal(dense, dense.T)
+    assert curv.num_matvecs == 0, "dense GGN should come from Jacobians, not p products"
+    # the column-by-column build (p GGN-vector products) gives the same matrix
+    cols = Curvature(obj, Data((x, y)), damping=0.2, progress=False, curvature="ggn", chunk_size=5)
+    cols._dense_ggn = lambda: None
+    assert rel_err(cols.dense(), dense) < 1e-12 and cols.num_matvecs == obj.p
     v = torch.randn(3, obj.p, generator=torch.Generator().manual_seed(1), dtype=DT)
     assert rel_err(curv.matvec(v), v @ want) < 1e-12
     assert rel_err(curv.matvec(v[0]), want @ v[0]) < 1e-12

@@ -96,7 +96,7 @@ TASKS: dict[str, dict] = {
           "curvature": "hessian", "methods": ["inflens.exact", "inflens.cg", *PEERS],
           "out": "runs/bench_peers_b"},
     "c": {"name": "mnist-cnn", "l2": 1e-3, "damping": 0.01, "batch": 1100, "curvature": "ggn",
-          "methods": ["inflens.cg", "inflens.ekfac", *PEERS],
+          "methods": ["inflens.exact", "inflens.cg", "inflens.ekfac", *PEERS],
           "out": "runs/bench_peers_c"},
 }  # fmt: skip
 # families whose cost does not fall with regularisation (forming the dense Hessian): when one

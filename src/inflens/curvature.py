@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Data
-from .errors import InputError
+from .errors import InputError, VmapError
 from .objective import Objective
 
 #: largest automatic chunk on a CPU: bigger chunks fall out of the caches and run slower
@@ -176,6 +176,26 @@ class Curvature:
         total.diagonal().add_(self.shift)
         return 0.5 * (total + total.T)
 
+    def _dense_ggn(self) -> torch.Tensor | None:
+        """The GGN ``A`` from per-example output Jacobians (``C`` backward passes per chunk,
+        :meth:`inflens.objective.Objective.ggn_dense_sum`), or None if the model cannot be
+        vectorised that way (then ``p`` matrix-free products are used)."""
+        obj = self.objective
+        total = torch.zeros(self.p, self.p, dtype=self.dtype, device=self.device)
+        try:
+            with obj.evaluating():
+                for _, x, y in self.chunks("Gauss-Newton (Jacobians)"):
+                    c = max(1, obj.outputs(obj.theta, x[:1]).numel())
+                    sub = max(1, min(x.shape[0], (4 * self.p) // c))  # O(sub C p) <= O(4 p^2)
+                    for s in range(0, x.shape[0], sub):
+                        total += obj.ggn_dense_sum(x[s : s + sub], y[s : s + sub])
+        except VmapError:
+            return None
+        self.all_reduce(total)
+        total /= self.n
+        total.diagonal().add_(self.shift)
+        return 0.5 * (total + total.T)
+
     def dense(self, block: int = 256) -> torch.Tensor:
         """The explicit ``[p, p]`` matrix ``A``.
 
@@ -185,6 +205,10 @@ class Curvature:
         closed = self._dense_linear_head()
         if closed is not None:
             return closed
+        if self.curvature == "ggn":
+            ggn = self._dense_ggn()
+            if ggn is not None:
+                return ggn
         eye = torch.eye(self.p, dtype=self.dtype, device=self.device)
         cols = []
         bar = tqdm(range(0, self.p, block), desc="Hessian", disable=not self.progress, leave=False)

@@ -652,6 +652,7 @@ class _BatchedLogistic:
             )
         return th
 
+
 def _is_linear_head(head: nn.Module, obj: Objective, f: torch.Tensor) -> bool:
     """True if the selected top layer computes exactly ``f @ theta`` (one logit, no bias)."""
     if obj.p != f.shape[1] or len(obj.names) != 1:
