@@ -141,6 +141,12 @@ class Curvature:
         """Sum ``t`` over processes (one process: ``t`` itself)."""
         return t
 
+    def _as_operator(self, total: torch.Tensor) -> torch.Tensor:
+        """``A = total / n + shift I`` from a full-data curvature sum, symmetrised."""
+        total = total / self.n
+        total.diagonal().add_(self.shift)
+        return 0.5 * (total + total.T)
+
     def _dense_linear_head(self) -> torch.Tensor | None:
         """``A`` in closed form when theta is one Linear layer on frozen features, else None.
 
@@ -171,10 +177,7 @@ class Curvature:
             c = head.out_features
             blocks = torch.zeros(c, dd, c, dd, dtype=self.dtype, device=self.device)
         self.all_reduce(blocks)
-        total = head.to_theta_order(blocks)
-        total /= self.n
-        total.diagonal().add_(self.shift)
-        return 0.5 * (total + total.T)
+        return self._as_operator(head.to_theta_order(blocks))
 
     def _dense_ggn(self) -> torch.Tensor | None:
         """The GGN ``A`` from per-example output Jacobians (``C`` backward passes per chunk,
@@ -191,10 +194,7 @@ class Curvature:
                         total += obj.ggn_dense_sum(x[s : s + sub], y[s : s + sub])
         except VmapError:
             return None
-        self.all_reduce(total)
-        total /= self.n
-        total.diagonal().add_(self.shift)
-        return 0.5 * (total + total.T)
+        return self._as_operator(self.all_reduce(total))
 
     def dense(self, block: int = 256) -> torch.Tensor:
         """The explicit ``[p, p]`` matrix ``A``.

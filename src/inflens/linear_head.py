@@ -22,6 +22,8 @@ autograd silently.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,6 +55,35 @@ class LinearHead:
         self.in_features = module.in_features
 
     # ------------------------------------------------------------------ one forward pass
+    @contextlib.contextmanager
+    def _at_layer_output(self) -> Iterator[list[torch.Tensor]]:
+        """While active, the layer's output is replaced by a detached leaf ``s`` (so the rest
+        of the forward depends on theta only through ``s``); yields the list that collects
+        ``(input, s)`` of each call."""
+        seen: list[torch.Tensor] = []
+
+        def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            seen.append(inputs[0].detach())
+            s = output.detach().requires_grad_(True)
+            seen.append(s)
+            return s
+
+        handle = self.module.register_forward_hook(hook)
+        try:
+            yield seen
+        finally:
+            handle.remove()
+
+    @staticmethod
+    def _captured(seen: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(phi, s)`` of the single call, or ``ValueError``."""
+        if len(seen) != 2:
+            raise ValueError(f"the layer was called {len(seen) // 2} times")
+        phi, s = seen
+        if phi.ndim != 2 or s.ndim != 2:
+            raise ValueError("the layer input is not [batch, features]")
+        return phi, s
+
     def features_and_errors(
         self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, which: str = "loss"
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,28 +91,11 @@ class LinearHead:
 
         Raises ``ValueError`` when the layer is not called exactly once on 2-D features.
         """
-        obj = self.objective
-        seen: list[torch.Tensor] = []
-
-        def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            seen.append(inputs[0].detach())
-            s = output.detach().requires_grad_(True)
-            seen.append(s)
-            return s  # the rest of the forward now depends on theta only through this leaf
-
-        handle = self.module.register_forward_hook(hook)
-        try:
-            with torch.enable_grad():
-                fn = obj.losses if which == "loss" else obj.measurements
-                vals = fn(theta.detach(), x, y)
-                if len(seen) != 2:
-                    raise ValueError(f"the layer was called {len(seen) // 2} times")
-                phi, s = seen
-                if phi.ndim != 2 or s.ndim != 2:
-                    raise ValueError("the layer input is not [batch, features]")
-                (e,) = torch.autograd.grad(vals.sum(), s, allow_unused=True)
-        finally:
-            handle.remove()
+        fn = self.objective.losses if which == "loss" else self.objective.measurements
+        with self._at_layer_output() as seen, torch.enable_grad():
+            vals = fn(theta.detach(), x, y)
+            phi, s = self._captured(seen)
+            (e,) = torch.autograd.grad(vals.sum(), s, allow_unused=True)
         if e is None:
             e = torch.zeros_like(s)
         return phi, e.detach()
@@ -95,33 +109,18 @@ class LinearHead:
         independent, so the gradient of ``sum_i e_i[c]`` with respect to ``s`` holds row ``c``
         of every ``Lambda_i``.
         """
-        obj = self.objective
-        seen: list[torch.Tensor] = []
-
-        def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            seen.append(inputs[0].detach())
-            s = output.detach().requires_grad_(True)
-            seen.append(s)
-            return s
-
-        handle = self.module.register_forward_hook(hook)
-        try:
-            with torch.enable_grad():
-                vals = obj.losses(theta.detach(), x, y)
-                if len(seen) != 2:
-                    raise ValueError(f"the layer was called {len(seen) // 2} times")
-                phi, s = seen
-                (e,) = torch.autograd.grad(vals.sum(), s, create_graph=True)
-                rows = []
-                for c in range(s.shape[1]):
-                    (r,) = (
-                        torch.autograd.grad(e[:, c].sum(), s, retain_graph=True, allow_unused=True)
-                        if e.requires_grad
-                        else (None,)
-                    )
-                    rows.append(torch.zeros_like(s) if r is None else r)
-        finally:
-            handle.remove()
+        with self._at_layer_output() as seen, torch.enable_grad():
+            vals = self.objective.losses(theta.detach(), x, y)
+            phi, s = self._captured(seen)
+            (e,) = torch.autograd.grad(vals.sum(), s, create_graph=True)
+            rows = []
+            for c in range(s.shape[1]):
+                (r,) = (
+                    torch.autograd.grad(e[:, c].sum(), s, retain_graph=True, allow_unused=True)
+                    if e.requires_grad
+                    else (None,)
+                )
+                rows.append(torch.zeros_like(s) if r is None else r)
         return phi, torch.stack(rows, 1).detach()
 
     @property

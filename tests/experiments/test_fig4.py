@@ -37,3 +37,25 @@ def test_fig4_quick(shared_data: Path, tmp_path: Path, monkeypatch: pytest.Monke
     )
     shown = m["shown_test_image"]
     assert len(shown["RBF SVM"]["top_helpful"]) == 5
+
+
+def test_one_thread_when_quick_restores_the_thread_count() -> None:
+    import torch
+
+    from inflens.experiments._animals import one_thread_when_quick
+
+    seen = []
+
+    @one_thread_when_quick
+    def run(data_dir, out, quick: bool = False, progress: bool = True) -> int:
+        seen.append(torch.get_num_threads())
+        return 7
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert run(None, None, quick=True) == 7 and run(None, None, True) == 7
+        assert run(None, None) == 7
+        assert seen == [1, 1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

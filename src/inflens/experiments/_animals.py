@@ -24,12 +24,13 @@ pretrained backbone (:func:`inflens.features.pretrained_backbone`) to run the or
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import inspect
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -41,6 +42,8 @@ from ..datasets import cifar
 from ..datasets._files import cache_root
 from ..features import FeatureModel, cached_feature_cnn, extract_features
 from ..models import LogisticRegression
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 CLASSES = ("dog", "frog")
 ALL_CLASSES = ("bird", "cat", "dog", "frog")
@@ -188,22 +191,29 @@ def load_folder_task(
     return task, x_other, y_other
 
 
-@contextlib.contextmanager
-def threads_for(quick: bool) -> Iterator[None]:
-    """One intra-op thread in quick mode, restored afterwards.
+def one_thread_when_quick(run: F) -> F:
+    """Decorate an experiment's ``run``: one intra-op thread when it is called with
+    ``quick=True``, restored afterwards.
 
     The quick problems are too small to gain from threads, and on a busy machine BLAS threads
     that wait for a core made the quick Fig. 5 run 25 times slower (9.5 min against 23 s).
     """
-    if not quick:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    sig = inspect.signature(run)
+
+    @functools.wraps(run)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if not bound.arguments["quick"]:
+            return run(*args, **kwargs)
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def quick_sizes(quick: bool) -> dict[str, int | None]:

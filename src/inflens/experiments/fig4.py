@@ -69,6 +69,7 @@ def _gamma(n_train: int, dim: int) -> tuple[float, float]:
     return 0.05 / PAPER_N_TRAIN * PAPER_DIM / dim, 0.05 / n_train
 
 
+@_animals.one_thread_when_quick
 def run(
     data_dir: Path | None,
     out: Path,
@@ -97,33 +98,6 @@ def run(
         size: resize your images to ``size x size`` when reading them.
         gamma: RBF width (default: the paper's rule rescaled to the image size, see above).
     """
-    with _animals.threads_for(quick):
-        return _run(
-            data_dir,
-            out,
-            quick,
-            progress,
-            image_folder=image_folder,
-            classes=classes,
-            backbone=backbone,
-            size=size,
-            gamma=gamma,
-        )
-
-
-def _run(
-    data_dir: Path | None,
-    out: Path,
-    quick: bool = False,
-    progress: bool = True,
-    *,
-    image_folder: str | os.PathLike[str] | None = None,
-    classes: Sequence[str] | None = None,
-    backbone: nn.Module | None = None,
-    size: int | None = None,
-    gamma: float | None = None,
-) -> dict[str, Any]:
-    """The body of :func:`run`."""
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -353,6 +353,7 @@ def _figure(out: Path, task, multi: dict[str, Any], res, tallies: dict[str, dict
     plt.close(fig)
 
 
+@_animals.one_thread_when_quick
 def run(
     data_dir: Path | None,
     out: Path,
@@ -385,41 +386,6 @@ def run(
             (about 20 minutes; always in quick mode).
         seed: order in which targets are attacked.
     """
-    with _animals.threads_for(quick):
-        return _run(
-            data_dir,
-            out,
-            quick,
-            progress,
-            image_folder=image_folder,
-            classes=classes,
-            backbone=backbone,
-            size=size,
-            max_targets=max_targets,
-            wide_box_levels=wide_box_levels,
-            wide_box_targets=wide_box_targets,
-            wide_box_multi=wide_box_multi,
-            seed=seed,
-        )
-
-
-def _run(
-    data_dir: Path | None,
-    out: Path,
-    quick: bool = False,
-    progress: bool = True,
-    *,
-    image_folder: str | os.PathLike[str] | None = None,
-    classes: Sequence[str] | None = None,
-    backbone: nn.Module | None = None,
-    size: int | None = None,
-    max_targets: int | None = None,
-    wide_box_levels: float | None = 8.0,
-    wide_box_targets: int | None = None,
-    wide_box_multi: bool = False,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """The body of :func:`run`."""
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
