@@ -24,7 +24,7 @@ from inflens.artifacts import (
     save_vectors,
     score_to_folder,
 )
-from inflens.solvers import CG, LiSSA
+from inflens.solvers import CG, Exact, LiSSA
 
 
 def _problem(seed: int = 0, n: int = 120, d: int = 5, classes: int = 3):
@@ -41,7 +41,14 @@ def _problem(seed: int = 0, n: int = 120, d: int = 5, classes: int = 3):
 
 @pytest.mark.filterwarnings("ignore::inflens.InflensWarning")  # a short LiSSA is enough here
 @pytest.mark.parametrize(
-    "solver", ["exact", CG(tol=1e-12), LiSSA(depth=30, repeats=2, batch_size=8, seed=3)]
+    "solver",
+    [
+        "exact",
+        Exact(method="cholesky"),
+        CG(tol=1e-12),
+        CG(tol=1e-12, preconditioner="kfac"),
+        LiSSA(depth=30, repeats=2, batch_size=8, seed=3),
+    ],
 )
 def test_save_load_roundtrip_gives_identical_scores(tmp_path: Path, solver) -> None:
     obj, train, test = _problem()

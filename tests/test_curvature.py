@@ -96,3 +96,71 @@ def test_dense_falls_back_for_a_hidden_layer() -> None:
     case = fitted("mlp_tanh")
     curv = _curv(case)
     assert rel_err(curv.dense(), case.hess) < 1e-12 and curv.num_matvecs == curv.p
+
+
+@pytest.mark.parametrize(
+    "name", ["logreg_binary", "logreg_multiclass", "smooth_hinge_svm", "mlp_top_layer"]
+)
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_matvec_in_closed_form_for_a_linear_layer(name: str, kind: str, monkeypatch) -> None:
+    """Matrix-free products through ``LinearHead.curvature_product`` (no autograd through the
+    model) equal the explicit float64 Hessian, for the Hessian and the GGN alike."""
+    from cases import fitted
+    from inflens import objective as objective_mod
+
+    case = fitted(name)
+    curv = _curv(case, damping=0.2)
+    curv.curvature = kind
+    calls = []
+    real = objective_mod.Objective._head_curvature_product
+
+    def spy(self, *args):
+        out = real(self, *args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(objective_mod.Objective, "_head_curvature_product", spy)
+    v = torch.randn(3, curv.p, generator=torch.Generator().manual_seed(0), dtype=DT)
+    want = v @ (case.hess + 0.2 * torch.eye(curv.p, dtype=DT))
+    assert rel_err(curv.matvec(v), want) < 1e-12
+    assert calls and all(calls), "the closed form was not used"
+    # under a torch.func transform the closed form (hooks, autograd.grad) steps aside
+    calls.clear()
+    got = torch.func.vmap(lambda u: curv.matvec(u[None])[0])(v)
+    assert rel_err(got, want) < 1e-10 and not any(calls)
+
+
+def test_reusing_computes_the_output_hessians_once_per_chunk(monkeypatch) -> None:
+    """Inside ``Curvature.reusing()`` a Linear head's ``(phi, Lambda)`` are computed once per
+    chunk and reused: same products, a third of the output-Hessian passes for three products;
+    outside it they are recomputed (theta may change between calls)."""
+    from cases import fitted
+    from inflens.linear_head import LinearHead
+
+    case = fitted("logreg_multiclass")
+    curv = _curv(case, damping=0.1, chunk=7)
+    calls = []
+    real = LinearHead.output_hessians
+
+    def spy(self, *args):
+        calls.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(LinearHead, "output_hessians", spy)
+    v = torch.randn(3, 2, curv.p, generator=torch.Generator().manual_seed(0), dtype=DT)
+    plain = [curv.matvec(u) for u in v]
+    fresh_calls = len(calls)
+    calls.clear()
+    with curv.reusing():
+        reused = [curv.matvec(u) for u in v]
+    chunks = curv.data.num_chunks(curv.chunk_size)
+    assert len(calls) == chunks and fresh_calls == 3 * chunks
+    for a, b in zip(plain, reused):
+        assert rel_err(b, a) < 1e-14
+    want = v @ (case.hess + 0.1 * torch.eye(curv.p, dtype=DT))
+    assert rel_err(torch.stack(reused), want) < 1e-12
+    # a zero budget caches nothing but still gives the same products
+    calls.clear()
+    with curv.reusing(budget_bytes=0):
+        again = [curv.matvec(u) for u in v]
+    assert len(calls) == 3 * chunks and all(rel_err(b, a) < 1e-14 for a, b in zip(plain, again))

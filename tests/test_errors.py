@@ -176,11 +176,12 @@ def _quadratic_problem(eigs: list[float], sign: float, l2: float = 0.0):
         ([10.001, 1.0, 0.5], 0.0, 10.0),  # A's most negative eigenvalue -0.001 next to damping 10
     ],
 )
-def test_indefinite_hessian_exact(eigs: list[float], l2: float, damping: float) -> None:
+@pytest.mark.parametrize("method", ["eigh", "cholesky"])
+def test_indefinite_hessian_exact(eigs: list[float], l2: float, damping: float, method) -> None:
     obj, train = _quadratic_problem(eigs, -1.0, l2)
     lam_min = -max(eigs) + l2 + damping
     with pytest.raises(CurvatureError, match="indefinite") as err:
-        _fit(obj, train, damping=damping)
+        _fit(obj, train, damping=damping, solver=Exact(method=method))
     msg = str(err.value)
     found = float(re.search(r"most negative eigenvalue (\S+)", msg).group(1))
     assert found == pytest.approx(lam_min, rel=1e-3)
@@ -199,10 +200,11 @@ def test_indefinite_hessian_cg() -> None:
         inf.s_test(train)
 
 
-def test_singular_hessian() -> None:
+@pytest.mark.parametrize("method", ["eigh", "cholesky"])
+def test_singular_hessian(method: str) -> None:
     obj, train = _quadratic_problem([2.0, 1.0, 0.0], 1.0)  # third direction: no curvature, l2 = 0
     with pytest.raises(CurvatureError, match="singular") as err:
-        _fit(obj, train)
+        _fit(obj, train, solver=Exact(method=method))
     suggested = float(re.search(r"damping=(\S+?)\)", str(err.value)).group(1))
     assert suggested > 0
     inf = _fit(obj, train, damping=suggested)

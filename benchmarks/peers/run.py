@@ -93,7 +93,9 @@ TASKS: dict[str, dict] = {
     "a": {"name": "digits", "l2": L2, "damping": 0.0, "batch": None, "curvature": "hessian",
           "methods": METHODS, "out": "runs/bench_peers"},
     "b": {"name": "mnist-logreg", "l2": 0.01, "damping": 0.0, "batch": 5000,
-          "curvature": "hessian", "methods": ["inflens.exact", "inflens.cg", *PEERS],
+          "curvature": "hessian",
+          "methods": ["inflens.exact", "inflens.cg", "inflens.pcg", "inflens.kfac",
+                      "inflens.ekfac", *PEERS],
           "out": "runs/bench_peers_b"},
     "c": {"name": "mnist-cnn", "l2": 1e-3, "damping": 0.01, "batch": 1100, "curvature": "ggn",
           "methods": ["inflens.exact", "inflens.cg", "inflens.ekfac", *PEERS],
@@ -461,6 +463,8 @@ def inflens_solver(algo: str, cfg: dict):
         return CG(tol=cfg.get("cg_tol", 1e-4), max_iter=cfg.get("cg_max_iter"))
     if cfg["task"] == "c" and algo == "arnoldi":
         return Arnoldi(rank=cfg.get("arnoldi_rank", 200))
+    if algo == "pcg":  # CG on the exact Hessian, preconditioned by K-FAC, looser tolerance
+        return CG(tol=cfg.get("pcg_tol", 1e-2), preconditioner="kfac")
     return algo
 
 
@@ -657,6 +661,9 @@ def main() -> None:
     ap.add_argument("--cg-max-iter", type=int, default=10, help="task c: inflens CG iterations")
     ap.add_argument("--arnoldi-rank", type=int, default=200, help="task c: inflens Arnoldi rank")
     ap.add_argument(
+        "--pcg-tol", type=float, default=1e-2, help="inflens.pcg: K-FAC-preconditioned CG tolerance"
+    )
+    ap.add_argument(
         "--reuse",
         action="store_true",
         help="reuse the task, oracle and LOO in --out and merge the rows into its results.json",
@@ -676,7 +683,8 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     methods = args.methods or cfg["methods"]
-    cfg.update(cg_tol=args.cg_tol, cg_max_iter=args.cg_max_iter, arnoldi_rank=args.arnoldi_rank)
+    cfg.update(cg_tol=args.cg_tol, cg_max_iter=args.cg_max_iter, arnoldi_rank=args.arnoldi_rank,
+               pcg_tol=args.pcg_tol)  # fmt: skip
     prev = None
     if args.reuse:  # task, oracle and leave-one-out of an earlier run in --out; merge the rows
         prev = json.loads((out / "results.json").read_text())

@@ -135,13 +135,19 @@ def _solver_state(solver: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     attribute except the curvature is taken: tensors (also inside lists and str-keyed dicts)
     go to safetensors under dotted keys, the rest must be JSON-serialisable.
     """
+    from .solvers import Solver
+
     state = solver.state_dict() if hasattr(solver, "state_dict") else dict(vars(solver))
     tensors: dict[str, torch.Tensor] = {}
     values: dict[str, Any] = {}
     for key, v in state.items():
         if key == "curvature_":
             continue
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, Solver):  # a nested solver (CG's preconditioner): its own state
+            sub_tensors, sub_values = _solver_state(v)
+            values[key] = {"__solver__": v.name, "values": sub_values}
+            tensors.update({f"{key}.{k}": t for k, t in sub_tensors.items()})
+        elif isinstance(v, torch.Tensor):
             tensors[key] = v
         elif isinstance(v, (list, tuple)) and v and all(isinstance(e, torch.Tensor) for e in v):
             values[key] = {"__tensors__": "list", "len": len(v)}
@@ -164,7 +170,11 @@ def _restore_solver(cls: type, tensors: dict[str, torch.Tensor], values: dict[st
     solver = cls.__new__(cls)
     state: dict[str, Any] = {}
     for key, v in values.items():
-        if isinstance(v, dict) and v.get("__tensors__") == "list":
+        if isinstance(v, dict) and "__solver__" in v:
+            pre = key + "."
+            sub = {k[len(pre) :]: t for k, t in tensors.items() if k.startswith(pre)}
+            state[key] = _restore_solver(_solver_class(v["__solver__"]), sub, v["values"], device)
+        elif isinstance(v, dict) and v.get("__tensors__") == "list":
             state[key] = [tensors[f"{key}.{i}"].to(device) for i in range(v["len"])]
         elif isinstance(v, dict) and v.get("__tensors__") == "dict":
             state[key] = {k: tensors[f"{key}.{k}"].to(device) for k in v["keys"]}

@@ -8,12 +8,15 @@ model's quadratic surrogate convex. Products are exact full-data Hessian-vector 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from tqdm.auto import tqdm
 
 from .data import Data
 from .errors import InputError, VmapError
-from .objective import Objective
+from .objective import Objective, _plain
 
 #: largest automatic chunk on a CPU: bigger chunks fall out of the caches and run slower
 #: (measured, docs/solvers.md: for the paper's CNN, forward and JVP passes ran 1.7-2x slower
@@ -121,11 +124,52 @@ class Curvature:
         v = vecs.reshape(-1, self.p).to(self.dtype)
         out = torch.zeros_like(v)
         with self.objective.evaluating():
-            for _, x, y in self.chunks(desc):
-                out += self.sum_product(v, x, y)
+            for start, x, y in self.chunks(desc):
+                cached = self._cached_head_product(start, v, x, y)
+                out += self.sum_product(v, x, y) if cached is None else cached
         out = out / self.n + self.shift * v
         self.num_matvecs += v.shape[0]
         return out[0] if single else out
+
+    @contextlib.contextmanager
+    def reusing(self, budget_bytes: int = 2**30) -> Iterator[None]:
+        """Within this block theta and the data must not change, so :meth:`matvec` may compute
+        per-chunk quantities that depend only on them once and reuse them in every product
+        (for a Linear layer on frozen features: its inputs and the output Hessians
+        ``Lambda_i``, about ``C^2 + d`` numbers per example, within ``budget_bytes``).
+        Iterative solvers wrap their loops in it."""
+        self._reuse, self._reuse_left = {}, int(budget_bytes)
+        try:
+            yield
+        finally:
+            self._reuse = None
+
+    def _cached_head_product(
+        self, start: int, vecs: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The closed-form Linear-layer product from cached ``(phi, Lambda)`` inside
+        :meth:`reusing`, or None (then :meth:`sum_product` computes it afresh)."""
+        store = getattr(self, "_reuse", None)
+        if store is None or not _plain(vecs, x):
+            return None
+        obj = self.objective
+        head = obj.linear_head(x, y)
+        if head is None:
+            return None
+        hit = store.get(start)
+        if hit is None:
+            try:
+                phi, lam = head.output_hessians(obj.theta, x, y)
+            except (ValueError, RuntimeError):
+                return None
+            size = lam.numel() * lam.element_size()
+            if phi.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+                size += phi.numel() * phi.element_size()  # computed features, not a view of x
+            if size > self._reuse_left:
+                return head.product_with(vecs, phi, lam)
+            self._reuse_left -= size
+            hit = store[start] = (phi, lam)
+        return head.product_with(vecs, *hit)
 
     def sum_product(self, vecs: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``sum_{i in batch} C_i v`` with ``C_i`` the Hessian (or GGN) of ``loss(z_i)``, no shift."""

@@ -150,6 +150,42 @@ class LinearHead:
                 out[a, :, b, :] += (phi * lam[:, a, b, None]).T @ phi
         return out
 
+    def curvature_product(
+        self, vecs: torch.Tensor, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """``[k, p]``: ``sum_i J_i^T Lambda_i J_i v_j`` for each row of ``vecs``, the exact
+        Hessian(-vector) product of ``sum_i l_i`` (outputs linear in theta).
+
+        ``u_i = V_W phi_i + v_b`` (``J_i v``), ``w_i = Lambda_i u_i``, then back:
+        ``sum_i w_i phi_i^T`` and ``sum_i w_i``. Four ``[B, d] x [d, kC]``-sized matrix products
+        and ``C`` backward passes through the loss only, instead of forward-over-reverse
+        autograd through the whole model.
+        """
+        phi, lam = self.output_hessians(theta, x, y)
+        return self.product_with(vecs, phi, lam)
+
+    def product_with(
+        self, vecs: torch.Tensor, phi: torch.Tensor, lam: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`curvature_product` from precomputed ``(phi, Lambda)`` of
+        :meth:`output_hessians` (reused across the products of one solve)."""
+        k, c, b = vecs.shape[0], self.out_features, phi.shape[0]
+        u = phi.new_zeros(b, k, c)
+        for kind, sl in self.parts:
+            v = vecs[:, sl]
+            if kind == "weight":
+                u += (phi @ v.reshape(k * c, -1).T).view(b, k, c)
+            else:
+                u += v[None]
+        w = torch.bmm(u, lam.transpose(1, 2))  # w[i, j] = Lambda_i u[i, j]
+        out = vecs.new_empty(k, vecs.shape[1])
+        for kind, sl in self.parts:
+            if kind == "weight":
+                out[:, sl] = (w.reshape(b, k * c).T @ phi).view(k, -1)
+            else:
+                out[:, sl] = w.sum(0)
+        return out
+
     def to_theta_order(self, blocks: torch.Tensor) -> torch.Tensor:
         """The ``[p, p]`` matrix in theta's order from the upper blocks of
         :meth:`curvature_blocks` (the lower blocks are their mirror images)."""

@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
 
 from .errors import InputError, VmapError
+from .forward_mode import directional_derivative
 from .losses import LossFn, check_targets, resolve_loss
 
 Measurement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -347,6 +348,9 @@ class Objective:
         No regulariser.
         """
         theta = self.theta if theta is None else theta
+        closed = self._head_curvature_product(vecs, x, y, theta)
+        if closed is not None:
+            return closed
         if vecs.shape[0] == 1 and _plain(vecs, x, theta):
             return self._hvp_double_backward(vecs[0], x, y, theta).unsqueeze(0)
         g = grad(lambda th: self.losses(th, x, y).sum())
@@ -358,6 +362,21 @@ class Objective:
             return vmap(one)(vecs)
         except (RuntimeError, NotImplementedError) as exc:
             raise VmapError(f"{_VMAP_HINT} Original error: {exc}") from exc
+
+    def _head_curvature_product(
+        self, vecs: torch.Tensor, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The closed-form product of :class:`~inflens.linear_head.LinearHead` when theta is a
+        top Linear layer and no torch.func transform is active, else None."""
+        if not _plain(vecs, x, theta):
+            return None
+        head = self.linear_head(x, y)
+        if head is None:
+            return None
+        try:
+            return head.curvature_product(vecs.to(self.dtype), theta, x, y)
+        except (ValueError, RuntimeError):
+            return None
 
     def _hvp_double_backward(
         self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor
@@ -390,6 +409,9 @@ class Objective:
         regulariser (its Hessian ``l2 I`` is exact and added by the curvature operator).
         """
         theta = self.theta if theta is None else theta
+        closed = self._head_curvature_product(vecs, x, y, theta)
+        if closed is not None:  # outputs linear in theta: the GGN is the Hessian
+            return closed
         fwd = lambda th: self.outputs(th, x)  # noqa: E731
         out, pull = vjp(fwd, theta)
         out = out.detach()
@@ -455,6 +477,13 @@ class Objective:
             return jvp(lambda th: self.losses(th, x, y), (theta,), (v,))[1]
 
         if vecs.shape[0] == 1:
+            if _plain(vecs, x, theta):
+                try:  # one dual pass with fused convolution tangents (inflens.forward_mode)
+                    return directional_derivative(
+                        lambda th: self.losses(th, x, y), theta, vecs[0]
+                    ).unsqueeze(0)
+                except (RuntimeError, NotImplementedError):
+                    pass  # an op without a forward-AD rule on dual tensors: torch.func below
             return one(vecs[0]).unsqueeze(0)
         try:
             return vmap(one)(vecs)

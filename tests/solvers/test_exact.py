@@ -59,3 +59,43 @@ def test_exact_float32() -> None:
     out = solver.solve(rhs)
     assert out.dtype == torch.float32
     assert rel_err(out.double(), torch.linalg.solve(case.hess, rhs.double().T).T) < 1e-4
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.2])
+def test_cholesky_solve_matches_explicit_hessian(case: Fitted, damping: float) -> None:
+    solver = Exact(method="cholesky").fit(_curv(case, damping))
+    a = case.hess + damping * torch.eye(case.theta.numel(), dtype=DT)
+    rhs = torch.randn(4, case.theta.numel(), generator=torch.Generator().manual_seed(0), dtype=DT)
+    assert rel_err(solver.solve(rhs), torch.linalg.solve(a, rhs.T).T) < 1e-10
+    assert rel_err(solver.dense_inverse(), torch.linalg.inv(a)) < 1e-10
+    info = solver.diagnostics()
+    assert info["factorisation"] == "cholesky" and info["eigenvalues_estimated"]
+    ev = torch.linalg.eigvalsh(a)  # p <= 30 Lanczos steps: the Krylov space is everything
+    assert info["min_eigenvalue"] == pytest.approx(float(ev[0]), rel=1e-8)
+    assert info["max_eigenvalue"] == pytest.approx(float(ev[-1]), rel=1e-8)
+
+
+def test_auto_uses_cholesky_for_large_p_with_estimated_extremes(monkeypatch) -> None:
+    """p = 400 (over a lowered threshold): the Cholesky solve equals the explicit solve and the
+    Lanczos estimates of the extreme eigenvalues are within 1e-6 of eigvalsh's."""
+    g = torch.Generator().manual_seed(0)
+    n, d, c = 2000, 80, 5
+    x = torch.randn(n, d, generator=g, dtype=DT) * torch.linspace(0.2, 3, d, dtype=DT)
+    y = torch.randint(0, c, (n,), generator=g)
+    obj = inflens.Objective(torch.nn.Linear(d, c, bias=False).to(DT), "cross_entropy", l2=1e-2)
+    curv = Curvature(obj, Data((x, y)), progress=False)
+    monkeypatch.setattr(Exact, "EIGH_MAX_P", 100)
+    solver = Exact().fit(curv)
+    assert solver.diagnostics()["factorisation"] == "cholesky" and solver.evecs_ is None
+    a = curv.dense()
+    rhs = torch.randn(3, obj.p, generator=g, dtype=DT)
+    assert rel_err(solver.solve(rhs), torch.linalg.solve(a, rhs.T).T) < 1e-10
+    ev = torch.linalg.eigvalsh(a)
+    info = solver.diagnostics()
+    assert info["min_eigenvalue"] == pytest.approx(float(ev[0]), rel=1e-6)
+    assert info["max_eigenvalue"] == pytest.approx(float(ev[-1]), rel=1e-6)
+
+
+def test_exact_method_is_checked() -> None:
+    with pytest.raises(inflens.InputError, match="method must be"):
+        Exact(method="lu")

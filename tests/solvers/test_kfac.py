@@ -202,6 +202,20 @@ def test_ekfac_equals_the_eigenvalue_corrected_matrix(problem) -> None:
     assert rel_err(inf.solver.dense(), m) < 1e-8
 
 
+@pytest.mark.parametrize("rotate_first", [True, False])
+def test_ekfac_correction_same_with_either_contraction_order(problem, monkeypatch, rotate_first):
+    """Both ways of forming the rotated pseudo-gradients (factors rotated first, used for
+    Linear layers, or the formed pseudo-gradient rotated) give the same eigenvalues."""
+    from inflens.solvers import kfac
+
+    obj, x, y, _facs, _ggn = problem
+    ref = Influence(obj, (x, y), solver=EKFAC(), progress=False).fit().solver.evals_
+    monkeypatch.setattr(kfac, "_rotate_factors_first", lambda *a: rotate_first)
+    got = Influence(obj, (x, y), solver=EKFAC(), progress=False).fit().solver.evals_
+    for a, b in zip(ref, got):
+        assert rel_err(b, a) < 1e-12
+
+
 def test_ekfac_is_at_least_as_close_to_the_ggn_blocks_as_kfac(problem) -> None:
     obj, x, y, facs, ggn = problem
     errs = {}

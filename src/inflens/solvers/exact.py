@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from ..curvature import Curvature
-from ..errors import CurvatureError, MemoryBudgetError
+from ..curvature import Curvature, krylov
+from ..errors import CurvatureError, InputError, MemoryBudgetError
 from .base import Solver
 
 
@@ -19,21 +19,37 @@ def _round_up(x: float, digits: int = 3) -> float:
 
 
 class Exact(Solver):
-    """Forms ``A = H + damping I`` explicitly and solves through its eigendecomposition.
+    """Forms ``A = H + damping I`` explicitly and solves it directly.
 
-    The eigendecomposition (``eigh``) both solves and diagnoses: an indefinite ``A`` is refused
-    with its most negative eigenvalue and a damping that would fix it. Memory is ``O(p^2)``:
-    a model whose Hessian would exceed ``max_memory_gb`` is refused with a clear message.
+    Two factorisations, both exact to round-off:
+
+    - ``"eigh"``: the eigendecomposition both solves and diagnoses, with the exact extreme
+      eigenvalues;
+    - ``"cholesky"``: ``A = L L^T``, about 20x cheaper than ``eigh`` at ``p`` in the thousands
+      (3 s against 64 s at ``p = 7,840``, docs/solvers.md). The extreme eigenvalues are then
+      Lanczos estimates: 30 steps on ``A`` for the largest and on ``A^-1`` (through ``L``) for
+      the smallest, each step a ``p^2`` product.
+
+    ``"auto"`` (default) uses ``eigh`` up to ``p = 2,000`` and ``cholesky`` above. An indefinite
+    ``A`` (the Cholesky factorisation fails) is refused with its most negative eigenvalue and
+    a damping that would fix it; a singular one likewise. Memory is ``O(p^2)``: a model whose
+    Hessian would exceed ``max_memory_gb`` is refused with a clear message.
 
     Args:
-        max_memory_gb: upper bound on the memory the explicit Hessian and its eigenvectors take.
+        max_memory_gb: upper bound on the memory the explicit Hessian and its factors take.
+        method: ``"auto"``, ``"eigh"`` or ``"cholesky"``.
     """
 
     name = "exact"
+    #: above this p, "auto" factorises by Cholesky
+    EIGH_MAX_P = 2000
 
-    def __init__(self, max_memory_gb: float = 4.0) -> None:
+    def __init__(self, max_memory_gb: float = 4.0, method: str = "auto") -> None:
         super().__init__()
+        if method not in ("auto", "eigh", "cholesky"):
+            raise InputError(f"method must be 'auto', 'eigh' or 'cholesky', got {method!r}")
         self.max_memory_gb = float(max_memory_gb)
+        self.method = method
 
     def fit(self, curvature: Curvature) -> Exact:
         p = curvature.p
@@ -48,15 +64,34 @@ class Exact(Solver):
         # only a successful fit marks the solver as fitted (a refused Hessian must not leave a
         # half-fitted solver whose solve() fails with an AttributeError)
         self.curvature_ = None
+        self.evals_ = self.evecs_ = self.chol_ = None
         a = curvature.dense()
-        evals, evecs = torch.linalg.eigh(a)
-        lam_min, lam_max = float(evals[0]), float(evals[-1])
+        method = self.method
+        if method == "auto":
+            method = "eigh" if p <= self.EIGH_MAX_P else "cholesky"
+        chol = None
+        if method == "cholesky":
+            chol, bad = torch.linalg.cholesky_ex(a)
+            if int(bad) != 0:
+                chol, method = None, "eigh"  # not positive definite: eigh says by how much
+        if method == "eigh":
+            evals, evecs = torch.linalg.eigh(a)
+            lam_min, lam_max = float(evals[0]), float(evals[-1])
+            estimated = False
+        else:
+            lam_max = _lanczos_top(lambda v: a @ v, p, a.dtype, a.device)
+            lam_min = 1.0 / _lanczos_top(
+                lambda v: torch.cholesky_solve(v[:, None], chol)[:, 0], p, a.dtype, a.device
+            )
+            estimated = True
         tol = 100 * torch.finfo(curvature.dtype).eps * max(abs(lam_max), 1e-30) * p**0.5
         self.info_ = {
             "min_eigenvalue": lam_min,
             "max_eigenvalue": lam_max,
             "condition_number": lam_max / lam_min if lam_min > 0 else float("inf"),
             "matvecs": p,
+            "factorisation": method,
+            "eigenvalues_estimated": estimated,
         }
         if lam_min < -tol:
             # rounded up: with a large damping, 10.002 printed as "10" would not be enough
@@ -73,17 +108,30 @@ class Exact(Solver):
                 f"{lam_max:.4g}; H^-1 does not exist. Pass damping > 0 (e.g. "
                 f"damping={max(1e-3 * lam_max, 1e-8):.3g}) or train with l2 > 0"
             )
-        self.evals_, self.evecs_ = evals, evecs
+        if chol is not None:
+            self.chol_ = chol
+        else:
+            self.evals_, self.evecs_ = evals, evecs
         super().fit(curvature)
         return self
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
+        if self.chol_ is not None:
+            return torch.cholesky_solve(rhs.to(self.chol_.dtype).T, self.chol_).T
         q = self.evecs_
         return ((rhs.to(q.dtype) @ q) / self.evals_) @ q.T
 
     def dense_inverse(self) -> torch.Tensor:
         """The explicit ``[p, p]`` inverse ``A^-1``."""
         self._check_fitted()
+        if self.chol_ is not None:
+            return torch.cholesky_inverse(self.chol_)
         q = self.evecs_
         return (q / self.evals_) @ q.T
+
+
+def _lanczos_top(matvec, p: int, dtype: torch.dtype, device, iters: int = 30) -> float:
+    """Largest eigenvalue of a symmetric positive definite operator by Lanczos (the extreme
+    Ritz value; converges first, from below)."""
+    return float(krylov(matvec, p, iters, dtype, device).values[-1])
