@@ -206,3 +206,34 @@ def test_check_targets() -> None:
         check_targets("hinge", out1, torch.tensor([0, 1, -1, 0]))
     with pytest.raises(InputError, match="same shape"):
         check_targets("mse", out1, torch.zeros(4))
+
+
+def test_cross_entropy_output_hessian_factor_is_exact() -> None:
+    """``sum_m u_m u_m^T`` equals the autograd Hessian of the cross-entropy in the logits."""
+    from torch.func import hessian, vmap
+
+    from inflens.losses import cross_entropy, output_hessian_factor
+
+    g = torch.Generator().manual_seed(0)
+    out = 3 * torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (6,), generator=g)
+    u = output_hessian_factor(cross_entropy, out, y)
+    assert u is not None and u.shape == (5, 6, 5)
+    got = torch.einsum("mbc,mbd->bcd", u, u)
+    want = vmap(hessian(lambda o, t: cross_entropy(o[None], t[None])[0]))(out, y)
+    assert float((got - want).abs().max()) < 1e-14
+
+
+def test_output_hessian_factor_only_for_the_builtin_cross_entropy() -> None:
+    """A user function that happens to be called cross_entropy (label smoothing, say) is not
+    given the built-in closed form."""
+    import torch.nn.functional as F
+
+    from inflens.losses import mse, output_hessian_factor
+
+    def cross_entropy(o, t):
+        return F.cross_entropy(o, t, reduction="none", label_smoothing=0.1)
+
+    out, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
+    assert output_hessian_factor(cross_entropy, out, y) is None
+    assert output_hessian_factor(mse, out, out) is None

@@ -90,6 +90,8 @@ class Curvature:
         )
         self.progress = progress
         self.num_matvecs = 0
+        self._reuse: dict | None = None  # per-chunk cache, only inside reusing()
+        self._reuse_left = 0
 
     @property
     def shift(self) -> float:
@@ -149,7 +151,7 @@ class Curvature:
     ) -> torch.Tensor | None:
         """The closed-form Linear-layer product from cached ``(phi, Lambda)`` inside
         :meth:`reusing`, or None (then :meth:`sum_product` computes it afresh)."""
-        store = getattr(self, "_reuse", None)
+        store = self._reuse
         if store is None or not _plain(vecs, x):
             return None
         obj = self.objective

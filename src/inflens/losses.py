@@ -109,6 +109,24 @@ BUILTIN_LOSSES = ("cross_entropy", "binary_logistic", "hinge", "smooth_hinge", "
 _BINARY = ("binary_logistic", "hinge", "smooth_hinge")
 
 
+def output_hessian_factor(
+    loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor | None:
+    """``[m, B, C]`` vectors ``u`` with ``Lambda_i = sum_m u_mi u_mi^T`` (the Hessian of the loss
+    in the outputs) in closed form, for the built-in cross-entropy; None for other losses.
+
+    Softmax cross-entropy: ``Lambda = diag(p) - p p^T = sum_c p_c (e_c - p)(e_c - p)^T`` (the
+    cross terms sum to ``-2 p p^T`` and ``sum_c p_c p p^T = p p^T``), so
+    ``u_c = sqrt(p_c) (e_c - p)``: no eigendecomposition per example.
+    """
+    if loss_fn is not cross_entropy or outputs.ndim != 2:
+        return None
+    p = torch.softmax(outputs, dim=-1)
+    eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+    u = p.sqrt()[:, :, None] * (eye[None] - p[:, None, :])  # [B, c, C]: sqrt(p_c) (e_c - p)
+    return u.permute(1, 0, 2)
+
+
 def resolve_loss(loss: str | LossFn, t: float | None = None) -> tuple[str, LossFn]:
     """Return ``(name, fn)`` for a built-in loss name or a user callable."""
     if callable(loss):

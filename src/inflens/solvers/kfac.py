@@ -35,6 +35,7 @@ from torch.func import jacrev, vmap
 
 from ..curvature import Curvature
 from ..errors import InflensWarning, InputError, NotFittedError
+from ..losses import output_hessian_factor
 from ..objective import Objective
 from .base import Solver
 
@@ -320,6 +321,9 @@ class KFAC(Solver):
             o = od.clone().requires_grad_(True)
             (g,) = torch.autograd.grad(obj.loss_fn(o, y).sum(), o)
             return g[None]
+        closed = output_hessian_factor(obj.loss_fn, od, y)
+        if closed is not None:
+            return closed
 
         def single(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return obj.loss_fn(o[None], t[None])[0]
