@@ -94,8 +94,8 @@ TASKS: dict[str, dict] = {
           "methods": METHODS, "out": "runs/bench_peers"},
     "b": {"name": "mnist-logreg", "l2": 0.01, "damping": 0.0, "batch": 5000,
           "curvature": "hessian",
-          "methods": ["inflens.exact", "inflens.cg", "inflens.pcg", "inflens.kfac",
-                      "inflens.ekfac", *PEERS],
+          "methods": ["inflens.exact", "inflens.cg", "inflens.pcg", "inflens.pcg-tol1e-1",
+                      "inflens.pcg-tol1e-4", "inflens.kfac", "inflens.ekfac", *PEERS],
           "out": "runs/bench_peers_b"},
     "c": {"name": "mnist-cnn", "l2": 1e-3, "damping": 0.01, "batch": 1100, "curvature": "ggn",
           "methods": ["inflens.exact", "inflens.cg", "inflens.ekfac", *PEERS],
@@ -465,6 +465,8 @@ def inflens_solver(algo: str, cfg: dict):
         return Arnoldi(rank=cfg.get("arnoldi_rank", 200))
     if algo == "pcg":  # CG on the exact Hessian, preconditioned by K-FAC, looser tolerance
         return CG(tol=cfg.get("pcg_tol", 1e-2), preconditioner="kfac")
+    if algo.startswith("pcg-tol"):  # the same at a given tolerance: inflens.pcg-tol1e-1
+        return CG(tol=float(algo[len("pcg-tol") :]), preconditioner="kfac")
     return algo
 
 

@@ -366,3 +366,41 @@ def test_save_and_load_keep_the_fitted_solver(solver, tmp_path) -> None:
     inf.save(tmp_path / "fit")
     back = Influence.load(tmp_path / "fit", obj, (f.x, f.y), progress=False)
     assert rel_err(back.loss_influence((f.xt, f.yt)), want) < 1e-12
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_sampled_fisher_is_exact_for_one_output(cls) -> None:
+    """With one output, ``u = xi u_1`` has ``u u^T = Lambda`` for either sign: the sampled
+    factors equal the exact ones (for any number of samples)."""
+    f = fitted("logreg_binary")
+    obj = Objective(f.fresh_model(), "binary_logistic", l2=f.case.l2)
+    exact = Influence(obj, (f.x, f.y), solver=cls(), progress=False).fit().solver.dense()
+    for samples in (1, 3):
+        solver = cls(fisher="sampled", samples=samples, seed=5)
+        got = Influence(obj, (f.x, f.y), solver=solver, progress=False).fit().solver.dense()
+        assert rel_err(got, exact) < 1e-10
+
+
+def test_sampled_fisher_is_unbiased_and_seeded(problem) -> None:
+    """Several outputs: the sampled factors scatter around the exact ones (with many samples
+    the K-FAC matrix is within a few per cent), the same seed gives the same fit, another
+    seed a different one."""
+    obj, x, y, _facs, _ggn = problem
+
+    def dense(**kw):
+        return Influence(obj, (x, y), solver=KFAC(**kw), progress=False).fit().solver.dense()
+
+    exact = dense()
+    many = dense(fisher="sampled", samples=400, seed=0)
+    assert rel_err(many, exact) < 0.05
+    one = dense(fisher="sampled", samples=1, seed=1)
+    assert rel_err(one, exact) > 1e-6  # random, not the exact factors
+    assert torch.equal(one, dense(fisher="sampled", samples=1, seed=1))
+    assert not torch.equal(one, dense(fisher="sampled", samples=1, seed=2))
+
+
+def test_sampled_fisher_arguments_are_checked() -> None:
+    with pytest.raises(InputError, match="samples must be"):
+        KFAC(fisher="sampled", samples=0)
+    with pytest.raises(InputError, match="fisher must be"):
+        KFAC(fisher="mc")

@@ -166,11 +166,16 @@ class KFAC(Solver):
     model with a convex loss that is the Hessian.
 
     Args:
-        fisher: ``"ggn"`` (the exact Gauss-Newton factors, default) or ``"empirical"`` (``g``
-            back-propagated from the actual loss gradient: the empirical Fisher, cheaper,
-            biased).
+        fisher: ``"ggn"`` (the exact Gauss-Newton factors, default), ``"sampled"`` (an unbiased
+            Monte-Carlo estimate of them from ``samples`` backward passes per chunk instead of
+            ``C``: the vectors ``u = sum_c xi_c u_c / sqrt(samples)`` with random signs
+            ``xi``, so ``E[u u^T] = Lambda``; for a model with one output it is exact), or
+            ``"empirical"`` (``g`` back-propagated from the actual loss gradient: the empirical
+            Fisher, cheaper, biased).
         unsupported: what to do with parameters outside Linear/Conv2d layers: ``"diagonal"``
             (exact GGN diagonal for them, with a warning) or ``"error"``.
+        samples: backward passes per chunk with ``fisher="sampled"``.
+        seed: seed of the random signs with ``fisher="sampled"``.
     """
 
     name = "kfac"
@@ -178,17 +183,31 @@ class KFAC(Solver):
     direct = True
     _correct = False
 
-    def __init__(self, fisher: str = "ggn", unsupported: str = "diagonal") -> None:
+    def __init__(
+        self, fisher: str = "ggn", unsupported: str = "diagonal", samples: int = 1, seed: int = 0
+    ) -> None:
         super().__init__()
-        if fisher not in ("ggn", "empirical"):
-            raise InputError(f"fisher must be 'ggn' or 'empirical', got {fisher!r}")
+        if fisher not in ("ggn", "sampled", "empirical"):
+            raise InputError(f"fisher must be 'ggn', 'sampled' or 'empirical', got {fisher!r}")
         if unsupported not in ("diagonal", "error"):
             raise InputError(f"unsupported must be 'diagonal' or 'error', got {unsupported!r}")
+        if not (isinstance(samples, int) and samples >= 1):
+            raise InputError(f"samples must be a positive integer, got {samples!r}")
         self.fisher = fisher
         self.unsupported = unsupported
+        self.samples = samples
+        self.seed = int(seed)
 
     # ------------------------------------------------------------------ fitting
     def fit(self, curvature: Curvature) -> KFAC:
+        # the random signs of fisher="sampled" (one stream per fit; not kept after it)
+        self._generator_ = torch.Generator().manual_seed(self.seed)
+        try:
+            return self._fit(curvature)
+        finally:
+            del self._generator_
+
+    def _fit(self, curvature: Curvature) -> KFAC:
         super().fit(curvature)
         obj = curvature.objective
         layers, reasons, rest = _find_layers(obj)
@@ -321,9 +340,20 @@ class KFAC(Solver):
             o = od.clone().requires_grad_(True)
             (g,) = torch.autograd.grad(obj.loss_fn(o, y).sum(), o)
             return g[None]
-        closed = output_hessian_factor(obj.loss_fn, od, y)
-        if closed is not None:
-            return closed
+        cols = output_hessian_factor(obj.loss_fn, od, y)
+        if cols is None:
+            cols = self._factor_columns_autograd(obj, od, y)
+        if self.fisher == "sampled":
+            gen = self._generator_
+            signs = torch.randint(0, 2, (self.samples, cols.shape[0], od.shape[0]), generator=gen)
+            signs = (2 * signs - 1).to(dtype=od.dtype, device=od.device)
+            mixed = torch.einsum("smb,mbc->sbc", signs, cols.reshape(*cols.shape[:2], -1))
+            return (mixed / self.samples**0.5).reshape(self.samples, *od.shape)
+        return cols
+
+    @staticmethod
+    def _factor_columns_autograd(obj: Objective, od: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``[C, B, *out_shape]`` factor columns of ``Lambda_i`` from its autograd Hessian."""
 
         def single(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return obj.loss_fn(o[None], t[None])[0]
