@@ -239,3 +239,26 @@ def test_self_influence_with_an_iterative_solver_warns_on_large_n() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", InflensWarning)
         assert rel_err(si, ex.self_influence()) < 1e-8
+
+
+def test_linear_head_scores_in_large_chunks_with_the_same_result(monkeypatch) -> None:
+    """A closed-form Linear head is scored in chunks of up to LINEAR_HEAD_CHUNK examples
+    whatever the curvature's chunk size; the scores equal those of 7-example chunks."""
+    f = fitted("logreg_multiclass")
+    obj = Objective(f.fresh_model(), f.case.loss, l2=f.case.l2)
+    inf = Influence(obj, (f.x, f.y), progress=False).fit()
+    inf.curvature_.chunk_size = 7
+    s = inf.s_test((f.xt, f.yt))
+    assert inf._scoring_chunk_size(s.shape[0]) == len(f.y)  # n < 4096: one chunk
+    big = inf.score(s)
+    sub = inf.score(s, torch.arange(len(f.y)))
+    monkeypatch.setattr(Influence, "LINEAR_HEAD_CHUNK", 1)
+    assert inf._scoring_chunk_size(s.shape[0]) == 7
+    small = inf.score(s)
+    assert rel_err(big, small) < 1e-12 and rel_err(sub, small) < 1e-12
+    # a hidden-layer model keeps the curvature's chunk size
+    g = fitted("mlp_tanh")
+    inf2 = Influence(Objective(g.fresh_model(), g.case.loss, l2=g.case.l2), (g.x, g.y),
+                     progress=False).fit()  # fmt: skip
+    inf2.curvature_.chunk_size = 7
+    assert inf2._scoring_chunk_size(3) == 7

@@ -98,7 +98,8 @@ TASKS: dict[str, dict] = {
                       "inflens.pcg-tol1e-4", "inflens.kfac", "inflens.ekfac", *PEERS],
           "out": "runs/bench_peers_b"},
     "c": {"name": "mnist-cnn", "l2": 1e-3, "damping": 0.01, "batch": 1100, "curvature": "ggn",
-          "methods": ["inflens.exact", "inflens.cg", "inflens.ekfac", *PEERS],
+          "methods": ["inflens.exact", "inflens.cg", "inflens.ekfac", "inflens.ekfac-sampled",
+                      *PEERS],
           "out": "runs/bench_peers_c"},
 }  # fmt: skip
 # families whose cost does not fall with regularisation (forming the dense Hessian): when one
@@ -457,7 +458,7 @@ def _loaded_model(t: dict, cfg: dict) -> nn.Module:
 
 def inflens_solver(algo: str, cfg: dict):
     """The inflens solver of a method name per task (strings = the library's defaults)."""
-    from inflens.solvers import CG, Arnoldi
+    from inflens.solvers import CG, EKFAC, KFAC, Arnoldi
 
     if cfg["task"] == "c" and algo == "cg":
         return CG(tol=cfg.get("cg_tol", 1e-4), max_iter=cfg.get("cg_max_iter"))
@@ -465,6 +466,8 @@ def inflens_solver(algo: str, cfg: dict):
         return Arnoldi(rank=cfg.get("arnoldi_rank", 200))
     if algo == "pcg":  # CG on the exact Hessian, preconditioned by K-FAC, looser tolerance
         return CG(tol=cfg.get("pcg_tol", 1e-2), preconditioner="kfac")
+    if algo in ("kfac-sampled", "ekfac-sampled"):  # one sampled backward pass per chunk
+        return (KFAC if algo == "kfac-sampled" else EKFAC)(fisher="sampled")
     if algo.startswith("pcg-tol"):  # the same at a given tolerance: inflens.pcg-tol1e-1
         return CG(tol=float(algo[len("pcg-tol") :]), preconditioner="kfac")
     return algo

@@ -98,13 +98,15 @@ class Curvature:
         """The multiple of the identity in ``A``: ``l2 + damping``."""
         return self.objective.l2 + self.damping
 
-    def chunks(self, desc: str | None = None, check: bool = False):
-        """Yield prepared ``(start, x, y)`` chunks, with a progress bar when ``desc`` is given."""
-        it = self.data.chunks(self.chunk_size)
+    def chunks(self, desc: str | None = None, check: bool = False, chunk_size: int | None = None):
+        """Yield prepared ``(start, x, y)`` chunks (of ``chunk_size``, default
+        :attr:`chunk_size`), with a progress bar when ``desc`` is given."""
+        size = chunk_size or self.chunk_size
+        it = self.data.chunks(size)
         if desc is not None:
             it = tqdm(
                 it,
-                total=self.data.num_chunks(self.chunk_size),
+                total=self.data.num_chunks(size),
                 desc=desc,
                 disable=not self.progress,
                 leave=False,

@@ -127,16 +127,18 @@ class DistributedCurvature(Curvature):
         # only rank 0 draws progress bars
         self.progress = progress and self.rank == 0
 
-    def chunks(self, desc: str | None = None, check: bool = False):
+    def chunks(self, desc: str | None = None, check: bool = False, chunk_size: int | None = None):
         if check or self.world_size == 1:
-            yield from super().chunks(desc, check)
+            yield from super().chunks(desc, check, chunk_size)
             return
-        yield from self._shard_chunks()
+        yield from self._shard_chunks(chunk_size)
 
-    def _shard_chunks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def _shard_chunks(
+        self, chunk_size: int | None = None
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         if self.shard is None:
             return
-        for start, x, y in self.shard.chunks(self.chunk_size):
+        for start, x, y in self.shard.chunks(chunk_size or self.chunk_size):
             yield self.lo + start, x.to(self.device), y.to(self.device)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:

@@ -222,6 +222,27 @@ class Influence:
         x, y = self.train.get(indices)
         return self.objective.prepare(x, y, "training data")
 
+    #: largest scoring chunk for a closed-form Linear head (its per-example work is a few
+    #: matrix products, so bigger chunks amortise the per-chunk forward and loss backward:
+    #: scoring MNIST-LR for one test point took 42 ms in 512-example chunks, 25 ms in 4096)
+    LINEAR_HEAD_CHUNK = 4096
+
+    def _scoring_chunk_size(self, k: int) -> int:
+        """The curvature's chunk size, or a larger one for a closed-form Linear head whose
+        ``[chunk, d + 2 k C]`` working set fits a 256 MiB budget."""
+        curv = self._fitted()
+        obj = self.objective
+        if self.n == 0:
+            return curv.chunk_size
+        x, y = self._get_train(torch.arange(min(self.n, 4)))
+        head = obj.linear_head(x, y)
+        if head is None:
+            return curv.chunk_size
+        itemsize = torch.finfo(obj.dtype).bits // 8
+        per_example = (head.in_features + (2 * k + 1) * head.out_features) * itemsize
+        fits = max(1, (256 * 2**20) // per_example)
+        return int(max(curv.chunk_size, min(self.n, self.LINEAR_HEAD_CHUNK, fits)))
+
     #: examples in the probe chunk that times the two scoring methods (``scoring="auto"``)
     _PROBE = 256
 
@@ -291,6 +312,7 @@ class Influence:
         reg = obj.l2 * (s @ obj.theta)
         n_scored = self.n if indices is None else int(torch.as_tensor(indices).numel())
         use_jvp = self._use_jvp(s.shape[0], n_scored)
+        chunk = self._scoring_chunk_size(s.shape[0])
 
         def block(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             # a top Linear layer has closed-form directional derivatives for any k
@@ -302,12 +324,14 @@ class Influence:
             if indices is not None:
                 idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
                 parts = []
-                for j in range(0, idx.numel(), curv.chunk_size):
-                    x, y = self._get_train(idx[j : j + curv.chunk_size])
+                for j in range(0, idx.numel(), chunk):
+                    x, y = self._get_train(idx[j : j + chunk])
                     parts.append(block(x, y))
                 vals = torch.cat(parts, 1) if parts else s.new_zeros(s.shape[0], 0)
             else:
-                vals = torch.cat([block(x, y) for _, x, y in curv.chunks(desc="Scoring")], 1)
+                vals = torch.cat(
+                    [block(x, y) for _, x, y in curv.chunks(desc="Scoring", chunk_size=chunk)], 1
+                )
         return -(vals + reg[:, None])
 
     # ------------------------------------------------------------------ queries
