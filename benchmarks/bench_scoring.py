@@ -109,7 +109,7 @@ def bench_model(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, a
         "n": n,
         "linear_head_closed_form": obj.linear_head(x[:8], y[:8]) is not None,
         "kfac_fit_s": t_fit,
-        "scoring_chunk_size": inf.curvature_.chunk_size,
+        "scoring_chunk_size": inf._scoring_chunk_size(1),
         "best_forward_chunk": int(best_fwd.split("@")[1]),
         "best_pe_grad_chunk": int(best_pe.split("@")[1]),
         "all_seconds": allmed,
