@@ -133,7 +133,8 @@ def test_functional_conv_calls_are_fused_too() -> None:
             self.fc = nn.Linear(3, 2).to(DT)
 
         def forward(self, x):
-            return self.fc(torch.tanh(F.conv2d(x, self.w)).mean((2, 3)))
+            h = F.conv2d(input=x, weight=self.w, stride=1)  # keyword arguments bind too
+            return self.fc(torch.tanh(h).mean((2, 3)))
 
     model = Raw()
     g = torch.Generator().manual_seed(1)

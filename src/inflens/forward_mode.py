@@ -38,11 +38,12 @@ class FusedConvolutionTangents(TorchFunctionMode):
         return func(*args, **kwargs)
 
     @staticmethod
-    def _conv(func, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    def _conv(func, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: A002
+        # (argument names as torch.conv2d's, so keyword calls such as conv2d(input=...) bind)
         wp, wt = fwad.unpack_dual(weight)
         if wt is None or groups != 1:
             return None  # nothing to fuse (or grouped: output channels are tied to groups)
-        xp, xt = fwad.unpack_dual(x)
+        xp, xt = fwad.unpack_dual(input)
         co = wp.shape[0]
         if bias is None:
             both_bias = None
