@@ -78,6 +78,21 @@ def test_exact_artifact_holds_the_eigensystem(tmp_path: Path) -> None:
     torch.testing.assert_close(q @ torch.diag(lam) @ q.T, a, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("solver,key", [("exact", "chol_"), (CG(tol=1e-12), "preconditioner")])
+def test_artifact_written_before_a_new_attribute_still_loads(tmp_path: Path, solver, key) -> None:
+    """Artifacts from before Exact's Cholesky path (no ``chol_``) or CG's preconditioner (no
+    ``preconditioner``) load and give the same scores."""
+    obj, train, test = _problem()
+    inf = Influence(obj, train, solver=solver, progress=False).fit()
+    expected = inf.loss_influence(test)
+    inf.save(tmp_path)
+    values = json.loads((tmp_path / "solver.json").read_text())
+    assert values.pop(key) is None
+    (tmp_path / "solver.json").write_text(json.dumps(values))
+    loaded = Influence.load(tmp_path, obj, train, progress=False)
+    torch.testing.assert_close(loaded.loss_influence(test), expected, rtol=0, atol=0)
+
+
 def test_load_refuses_other_model_or_data(tmp_path: Path) -> None:
     obj, train, _ = _problem()
     Influence(obj, train, progress=False).fit().save(tmp_path)

@@ -67,9 +67,10 @@ class CG(Solver):
         return self
 
     def _precondition(self, r: torch.Tensor) -> torch.Tensor:
-        if self.preconditioner is None:
+        pre = getattr(self, "preconditioner", None)  # absent in artifacts from before it
+        if pre is None:
             return r
-        return self.preconditioner.solve(r).to(r.dtype)
+        return pre.solve(r).to(r.dtype)
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         curv = self._check_fitted()

@@ -117,16 +117,18 @@ class Exact(Solver):
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
-        if self.chol_ is not None:
-            return torch.cholesky_solve(rhs.to(self.chol_.dtype).T, self.chol_).T
+        chol = getattr(self, "chol_", None)  # absent in artifacts written before Cholesky
+        if chol is not None:
+            return torch.cholesky_solve(rhs.to(chol.dtype).T, chol).T
         q = self.evecs_
         return ((rhs.to(q.dtype) @ q) / self.evals_) @ q.T
 
     def dense_inverse(self) -> torch.Tensor:
         """The explicit ``[p, p]`` inverse ``A^-1``."""
         self._check_fitted()
-        if self.chol_ is not None:
-            return torch.cholesky_inverse(self.chol_)
+        chol = getattr(self, "chol_", None)
+        if chol is not None:
+            return torch.cholesky_inverse(chol)
         q = self.evecs_
         return (q / self.evals_) @ q.T
 
