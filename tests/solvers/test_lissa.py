@@ -169,8 +169,12 @@ def test_automatic_scale_covers_single_example_hessians() -> None:
     want = exact.loss_influence(test)
     lam_max = exact.diagnostics()["max_eigenvalue"]
     old_rule = LiSSA(depth=3000, repeats=1, scale=1.5 * lam_max, batch_size=1, seed=0)
-    with pytest.raises(SolverDivergedError):
+    with pytest.raises(SolverDivergedError, match="mini-batch Hessians up to") as err:
         inflens.Influence(obj, train, solver=old_rule, progress=False).fit().loss_influence(test)
+    # the message's suggestion accounts for the mini-batches, and it works
+    suggested = float(re.search(r"try scale >= (\S+?)[\s(]", str(err.value)).group(1))
+    fixed = LiSSA(depth=3000, repeats=1, scale=suggested, batch_size=1, seed=0)
+    inflens.Influence(obj, train, solver=fixed, progress=False).fit().loss_influence(test)
     auto = LiSSA(depth=3000, repeats=4, scale=None, batch_size=1, seed=0)
     inf = inflens.Influence(obj, train, solver=auto, progress=False).fit()
     info = inf.diagnostics()

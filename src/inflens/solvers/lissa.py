@@ -113,18 +113,21 @@ class LiSSA(Solver):
             self.info_["bias_factor"] = rho**self.depth if rho < 1 else None
         return self
 
-    def _batch_top_eigenvalue(self, curv: Curvature, iters: int = 15) -> float | None:
+    def _batch_top_eigenvalue(
+        self, curv: Curvature, iters: int = 15, probes: int | None = None
+    ) -> float | None:
         """Largest eigenvalue of the mini-batch operator ``A_j`` over ``scale_probes`` random
         mini-batches of ``batch_size`` (power iteration, ``iters`` products each), or None
         for full-batch LiSSA."""
         n = curv.n
-        if self.batch_size is None or int(self.batch_size) >= n or self.scale_probes == 0:
+        probes = self.scale_probes if probes is None else probes
+        if self.batch_size is None or int(self.batch_size) >= n or probes == 0:
             return None
         bs = int(self.batch_size)
         g = torch.Generator(device="cpu").manual_seed(self.seed + 1)
         # larger mini-batches concentrate around A: fewer probes (about 1,024 examples in all,
         # at least 8 batches), so the probe stays a small fraction of the solve
-        probes = min(self.scale_probes, max(8, 1024 // bs), max(1, n // bs))
+        probes = min(probes, max(8, 1024 // bs), max(1, n // bs))
         idx = torch.randperm(n, generator=g)[: probes * bs].reshape(probes, bs)
         top = 0.0
         with curv.objective.evaluating():
@@ -152,17 +155,19 @@ class LiSSA(Solver):
         if lam is None:
             lam = curv.top_eigenvalue()
         batch = self.info_.get("estimated_max_batch_eigenvalue")
-        seen = f" (its mini-batch Hessians up to about {batch:.4g} in a sample)" if batch else ""
-        auto = (
-            "the automatic choice was too small for some mini-batches; "
+        if batch is None:  # probe the mini-batches now, for a scale that covers them
+            batch = self._batch_top_eigenvalue(curv, probes=max(self.scale_probes, 32))
+        suggest = max(1.5 * lam, 2 * self.scale_, (batch or 0.0) / 1.5)
+        seen = f" (mini-batch Hessians up to about {batch:.4g} in a sample)" if batch else ""
+        hint = (
+            "the automatic choice missed mini-batches with larger curvature"
             if self.scale is None
-            else "or scale=None to choose it automatically, "
+            else "or scale=None to choose it automatically"
         )
         return SolverDivergedError(
             f"LiSSA diverged at step {step} (||h|| = {norm:.3g}): the scale {self.scale_:.4g} "
             f"is too small for a Hessian whose largest eigenvalue is about {lam:.4g}{seen}; "
-            f"try scale >= {max(1.5 * lam, 2 * self.scale_):.3g} ({auto}or a larger "
-            "batch_size)"
+            f"try scale >= {suggest:.3g} ({hint}), or a larger batch_size"
         )
 
     def _warn_convergence(self) -> None:
