@@ -157,7 +157,7 @@ class LinearHead:
         Hessian(-vector) product of ``sum_i l_i`` (outputs linear in theta).
 
         ``u_i = V_W phi_i + v_b`` (``J_i v``), ``w_i = Lambda_i u_i``, then back:
-        ``sum_i w_i phi_i^T`` and ``sum_i w_i``. Four ``[B, d] x [d, kC]``-sized matrix products
+        ``sum_i w_i phi_i^T`` and ``sum_i w_i``. Two ``[B, d] x [d, kC]``-sized matrix products
         and ``C`` backward passes through the loss only, instead of forward-over-reverse
         autograd through the whole model.
         """
