@@ -144,3 +144,23 @@ def test_preconditioner_must_be_a_solver() -> None:
         CG(preconditioner=CG())
     with pytest.raises(ValueError, match="unknown solver"):
         CG(preconditioner="nope")
+
+
+def test_pcg_by_name_is_cg_with_kfac_and_round_trips(tmp_path) -> None:
+    """``solver="pcg"``: CG preconditioned by K-FAC; same answer as Exact; saved and loaded by
+    name with its preconditioner."""
+    from inflens.solvers import KFAC, PCG, make_solver
+
+    case = fitted("logreg_multiclass")
+    c = case.case
+    obj = inflens.Objective(case.fresh_model(), c.loss, l2=c.l2)
+    inf = inflens.Influence(obj, (case.x, case.y), solver="pcg", progress=False).fit()
+    assert isinstance(inf.solver, PCG) and isinstance(inf.solver.preconditioner, KFAC)
+    got = inf.loss_influence((case.xt, case.yt))
+    exact = inflens.Influence(obj, (case.x, case.y), progress=False).fit()
+    assert rel_err(got, exact.loss_influence((case.xt, case.yt))) < 1e-6
+    inf.save(tmp_path)
+    loaded = inflens.Influence.load(tmp_path, obj, (case.x, case.y), progress=False)
+    assert isinstance(loaded.solver, PCG)
+    assert torch.equal(loaded.loss_influence((case.xt, case.yt)), got)
+    assert isinstance(make_solver("pcg"), PCG) and make_solver("pcg").tol == 1e-8

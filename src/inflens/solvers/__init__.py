@@ -1,6 +1,7 @@
 """Inverse-Hessian-vector-product solvers.
 
-Matrix-free on the exact curvature operator: ``Exact`` (explicit matrix), ``CG``, ``LiSSA``,
+Matrix-free on the exact curvature operator: ``Exact`` (explicit matrix), ``CG`` (and
+``PCG``, CG preconditioned by K-FAC), ``LiSSA``,
 ``Arnoldi`` (low-rank eigendecomposition). Structured approximations of the Gauss-Newton
 matrix: ``KFAC`` and ``EKFAC`` (Linear and Conv2d layers).
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from .arnoldi import Arnoldi
 from .base import Solver
-from .cg import CG
+from .cg import CG, PCG
 from .exact import Exact
 from .kfac import EKFAC, KFAC
 from .lissa import LiSSA
@@ -17,6 +18,7 @@ from .lissa import LiSSA
 _BY_NAME: dict[str, type[Solver]] = {
     "exact": Exact,
     "cg": CG,
+    "pcg": PCG,
     "lissa": LiSSA,
     "arnoldi": Arnoldi,
     "kfac": KFAC,
@@ -25,8 +27,8 @@ _BY_NAME: dict[str, type[Solver]] = {
 
 
 def make_solver(solver: str | Solver) -> Solver:
-    """A solver object from a name (``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``,
-    ``"kfac"``, ``"ekfac"``; default settings) or pass one through."""
+    """A solver object from a name (``"exact"``, ``"cg"``, ``"pcg"``, ``"lissa"``,
+    ``"arnoldi"``, ``"kfac"``, ``"ekfac"``; default settings) or pass one through."""
     if isinstance(solver, Solver):
         return solver
     if isinstance(solver, str) and solver.lower() in _BY_NAME:
@@ -49,6 +51,7 @@ __all__ = [
     "Arnoldi",
     "Exact",
     "LiSSA",
+    "PCG",
     "Solver",
     "make_solver",
     "register_solver",
