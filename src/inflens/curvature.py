@@ -154,26 +154,22 @@ class Curvature:
         """The closed-form Linear-layer product from cached ``(phi, Lambda)`` inside
         :meth:`reusing`, or None (then :meth:`sum_product` computes it afresh)."""
         store = self._reuse
-        if store is None or not _plain(vecs, x):
-            return None
-        obj = self.objective
-        head = obj.linear_head(x, y)
-        if head is None:
+        if store is None or not _plain(vecs):
             return None
         hit = store.get(start)
         if hit is None:
-            try:
-                phi, lam = head.output_hessians(obj.theta, x, y)
-            except (ValueError, RuntimeError):
+            hit = self.objective.head_curvature_factors(x, y)
+            if hit is None:
                 return None
+            head, phi, lam = hit
             size = lam.numel() * lam.element_size()
             if phi.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
                 size += phi.numel() * phi.element_size()  # computed features, not a view of x
-            if size > self._reuse_left:
-                return head.product_with(vecs, phi, lam)
-            self._reuse_left -= size
-            hit = store[start] = (phi, lam)
-        return head.product_with(vecs, *hit)
+            if size <= self._reuse_left:
+                self._reuse_left -= size
+                store[start] = hit
+        head, phi, lam = hit
+        return head.curvature_product(vecs, phi, lam)
 
     def sum_product(self, vecs: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``sum_{i in batch} C_i v`` with ``C_i`` the Hessian (or GGN) of ``loss(z_i)``, no shift."""
@@ -198,7 +194,7 @@ class Curvature:
     def _dense_linear_head(self) -> torch.Tensor | None:
         """``A`` in closed form when theta is one Linear layer on frozen features, else None.
 
-        ``sum_i J_i^T Lambda_i J_i`` (:meth:`inflens.linear_head.LinearHead.curvature_sum`) is
+        ``sum_i J_i^T Lambda_i J_i`` (:meth:`inflens.linear_head.LinearHead.curvature_blocks`) is
         then the exact Hessian (= GGN): ``O(n C^2 d^2)`` in a few matrix products instead of
         ``p`` Hessian-vector products.
         """

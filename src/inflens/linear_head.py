@@ -151,24 +151,16 @@ class LinearHead:
         return out
 
     def curvature_product(
-        self, vecs: torch.Tensor, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+        self, vecs: torch.Tensor, phi: torch.Tensor, lam: torch.Tensor
     ) -> torch.Tensor:
         """``[k, p]``: ``sum_i J_i^T Lambda_i J_i v_j`` for each row of ``vecs``, the exact
-        Hessian(-vector) product of ``sum_i l_i`` (outputs linear in theta).
+        Hessian(-vector) product of ``sum_i l_i`` (outputs linear in theta), from the layer
+        inputs ``phi`` and output Hessians ``Lambda`` of :meth:`output_hessians`.
 
         ``u_i = V_W phi_i + v_b`` (``J_i v``), ``w_i = Lambda_i u_i``, then back:
         ``sum_i w_i phi_i^T`` and ``sum_i w_i``. Two ``[B, d] x [d, kC]``-sized matrix products
-        and ``C`` backward passes through the loss only, instead of forward-over-reverse
-        autograd through the whole model.
+        instead of forward-over-reverse autograd through the whole model.
         """
-        phi, lam = self.output_hessians(theta, x, y)
-        return self.product_with(vecs, phi, lam)
-
-    def product_with(
-        self, vecs: torch.Tensor, phi: torch.Tensor, lam: torch.Tensor
-    ) -> torch.Tensor:
-        """:meth:`curvature_product` from precomputed ``(phi, Lambda)`` of
-        :meth:`output_hessians` (reused across the products of one solve)."""
         k, c, b = vecs.shape[0], self.out_features, phi.shape[0]
         u = phi.new_zeros(b, k, c)
         for kind, sl in self.parts:
@@ -206,11 +198,6 @@ class LinearHead:
         if idx.numel() == flat.shape[0] and bool((idx == torch.arange(idx.numel())).all()):
             return flat  # weight only, or weight then bias: already theta's order
         return flat[idx][:, idx]
-
-    def curvature_sum(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``[p, p]``: ``sum_i J_i^T Lambda_i J_i`` in theta's order (see
-        :meth:`curvature_blocks`)."""
-        return self.to_theta_order(self.curvature_blocks(theta, x, y))
 
     # ------------------------------------------------------------------ closed forms
     def per_example_grads(

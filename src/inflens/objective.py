@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
 from .errors import InputError, VmapError
 from .forward_mode import directional_derivative
 from .losses import LossFn, check_targets, resolve_loss
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .linear_head import LinearHead
 
 Measurement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -363,20 +367,37 @@ class Objective:
         except (RuntimeError, NotImplementedError) as exc:
             raise VmapError(f"{_VMAP_HINT} Original error: {exc}") from exc
 
-    def _head_curvature_product(
-        self, vecs: torch.Tensor, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor
-    ) -> torch.Tensor | None:
-        """The closed-form product of :class:`~inflens.linear_head.LinearHead` when theta is a
-        top Linear layer and no torch.func transform is active, else None."""
-        if not _plain(vecs, x, theta):
+    def head_curvature_factors(
+        self, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor | None = None
+    ) -> tuple[LinearHead, torch.Tensor, torch.Tensor] | None:
+        """``(head, phi, Lambda)`` for the closed-form curvature products of a top Linear layer
+        (:meth:`~inflens.linear_head.LinearHead.output_hessians`), or None when theta is not
+        one (or a torch.func transform is active). A caller making several products at the
+        same theta may keep them (:meth:`inflens.curvature.Curvature.reusing`)."""
+        theta = self.theta if theta is None else theta
+        if not _plain(x, theta):
             return None
         head = self.linear_head(x, y)
         if head is None:
             return None
         try:
-            return head.curvature_product(vecs.to(self.dtype), theta, x, y)
+            phi, lam = head.output_hessians(theta, x, y)
         except (ValueError, RuntimeError):
             return None
+        return head, phi, lam
+
+    def _head_curvature_product(
+        self, vecs: torch.Tensor, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The closed-form product of a top Linear layer (see :meth:`head_curvature_factors`),
+        or None."""
+        if not _plain(vecs):
+            return None
+        factors = self.head_curvature_factors(x, y, theta)
+        if factors is None:
+            return None
+        head, phi, lam = factors
+        return head.curvature_product(vecs.to(self.dtype), phi, lam)
 
     def _hvp_double_backward(
         self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor
