@@ -289,19 +289,25 @@ class Curvature:
         """Largest-magnitude eigenvalue of ``A`` by power iteration (a few full passes)."""
         g = torch.Generator(device="cpu").manual_seed(seed)
         v = torch.randn(self.p, generator=g, dtype=self.dtype).to(self.device)
-        v /= v.norm()
-        lam = 0.0
-        for _ in range(iters):
-            w = self.matvec(v)
-            new = float(v @ w)
-            nrm = w.norm()
-            if nrm == 0:
-                return 0.0
-            v = w / nrm
-            if abs(new - lam) <= rtol * abs(new):
-                return new
-            lam = new
-        return lam
+        return power_iteration(self.matvec, v, iters, rtol)
+
+
+def power_iteration(matvec, v: torch.Tensor, iters: int = 30, rtol: float = 1e-3) -> float:
+    """Largest-magnitude eigenvalue of a symmetric operator: the Rayleigh quotient of power
+    iteration from ``v [p]``, stopped when it changes by at most ``rtol`` (relative)."""
+    v = v / v.norm()
+    lam = 0.0
+    for _ in range(iters):
+        w = matvec(v)
+        new = float(v @ w)
+        nrm = w.norm()
+        if nrm == 0:
+            return 0.0
+        v = w / nrm
+        if abs(new - lam) <= rtol * abs(new):
+            return new
+        lam = new
+    return lam
 
 
 class KrylovResult:

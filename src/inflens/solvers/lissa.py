@@ -9,7 +9,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from ..curvature import Curvature
+from ..curvature import Curvature, power_iteration
 from ..errors import InflensWarning, InputError, SolverDivergedError
 from .base import Solver
 
@@ -135,18 +135,9 @@ class LiSSA(Solver):
                 x, y = curv.data.get(rows)
                 x, y = x.to(curv.device), y.to(curv.device)
                 v = torch.randn(curv.p, generator=g, dtype=curv.dtype).to(curv.device)
-                v /= v.norm()
-                lam = 0.0
-                for _ in range(iters):
-                    w = curv.batch_matvec(v[None], x, y)[0]
-                    new, nrm = float(v @ w), float(w.norm())
-                    if nrm == 0:
-                        break
-                    v = w / nrm
-                    if abs(new - lam) <= 1e-3 * abs(new):
-                        lam = new
-                        break
-                    lam = new
+                lam = power_iteration(
+                    lambda u, x=x, y=y: curv.batch_matvec(u[None], x, y)[0], v, iters
+                )
                 top = max(top, abs(lam))
         return top
 
