@@ -231,9 +231,11 @@ class Curvature:
         total = torch.zeros(self.p, self.p, dtype=self.dtype, device=self.device)
         try:
             with obj.evaluating():
+                sub = None
                 for _, x, y in self.chunks("Gauss-Newton (Jacobians)"):
-                    c = max(1, obj.outputs(obj.theta, x[:1]).numel())
-                    sub = max(1, min(x.shape[0], (4 * self.p) // c))  # O(sub C p) <= O(4 p^2)
+                    if sub is None:  # sub-chunks of O(sub C p) <= O(4 p^2) Jacobian entries
+                        c = max(1, obj.outputs(obj.theta, x[:1]).numel())
+                        sub = max(1, (4 * self.p) // c)
                     for s in range(0, x.shape[0], sub):
                         total += obj.ggn_dense_sum(x[s : s + sub], y[s : s + sub])
         except VmapError:

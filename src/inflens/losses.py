@@ -109,6 +109,19 @@ BUILTIN_LOSSES = ("cross_entropy", "binary_logistic", "hinge", "smooth_hinge", "
 _BINARY = ("binary_logistic", "hinge", "smooth_hinge")
 
 
+def output_hessians(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[B, C, C]``: ``Lambda_i``, the Hessian of each example's loss in its ``C`` outputs
+    (``torch.func``, one example at a time under ``vmap``; outputs of any per-example shape are
+    flattened)."""
+    from torch.func import hessian, vmap
+
+    def single(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return loss_fn(o[None], t[None])[0]
+
+    b, c = outputs.shape[0], outputs[0].numel()
+    return vmap(hessian(single))(outputs, targets).reshape(b, c, c)
+
+
 def output_hessian_factor(
     loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor | None:

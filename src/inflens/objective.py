@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from .errors import InputError, VmapError
 from .forward_mode import directional_derivative
-from .losses import LossFn, check_targets, resolve_loss
+from .losses import LossFn, check_targets, output_hessians, resolve_loss
 
 if TYPE_CHECKING:  # pragma: no cover
     from .linear_head import LinearHead
@@ -461,18 +461,14 @@ class Objective:
         Gauss-Newton-vector products a column-by-column build needs. Memory ``O(B C p)``.
         """
         theta = self.theta if theta is None else theta
-        out_shape = self.outputs(theta, x[:1]).shape[1:]
 
-        def f1(th: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-            return self.outputs(th, xi.unsqueeze(0)).reshape(-1)
-
-        def loss1(o: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-            return self.loss_fn(o.reshape(1, *out_shape), yi.unsqueeze(0)).sum()
+        def f1(th: torch.Tensor, xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = self.outputs(th, xi.unsqueeze(0))[0]
+            return out.reshape(-1), out  # the outputs ride along as aux: no second forward
 
         try:
-            jac = vmap(jacrev(f1), in_dims=(None, 0))(theta, x)  # [B, C, p]
-            outs = vmap(f1, in_dims=(None, 0))(theta, x).detach()  # [B, C]
-            lam = vmap(hessian(loss1))(outs, y)  # [B, C, C]
+            jac, outs = vmap(jacrev(f1, has_aux=True), in_dims=(None, 0))(theta, x)  # [B, C, p]
+            lam = output_hessians(self.loss_fn, outs.detach(), y)  # [B, C, C]
         except (RuntimeError, NotImplementedError) as exc:
             raise VmapError(f"{_VMAP_HINT} Original error: {exc}") from exc
         lj = torch.einsum("bcd,bdp->bcp", lam, jac)

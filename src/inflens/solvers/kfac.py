@@ -35,7 +35,7 @@ from torch.func import jacrev, vmap
 
 from ..curvature import Curvature
 from ..errors import InflensWarning, InputError, NotFittedError
-from ..losses import output_hessian_factor
+from ..losses import output_hessian_factor, output_hessians
 from ..objective import Objective
 from .base import Solver
 
@@ -354,14 +354,8 @@ class KFAC(Solver):
     @staticmethod
     def _factor_columns_autograd(obj: Objective, od: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``[C, B, *out_shape]`` factor columns of ``Lambda_i`` from its autograd Hessian."""
-
-        def single(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return obj.loss_fn(o[None], t[None])[0]
-
-        hess = vmap(jacrev(jacrev(single)))(od, y)  # [B, *s, *s]
-        b = od.shape[0]
-        c = od[0].numel()
-        hess = hess.reshape(b, c, c)
+        hess = output_hessians(obj.loss_fn, od, y)  # [B, C, C]
+        c = hess.shape[1]
         vals, vecs = torch.linalg.eigh(0.5 * (hess + hess.transpose(1, 2)))
         fac = vecs * vals.clamp_min(0).sqrt()[:, None, :]  # Lambda_i = fac fac^T
         return fac.permute(2, 0, 1).reshape(c, *od.shape)
