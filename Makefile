@@ -19,6 +19,8 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -m determinism -p no:cacheprovider
+	OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 $(PY) -m pytest -q -m determinism -p no:cacheprovider
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow

@@ -26,6 +26,9 @@ from inflens.artifacts import (
 )
 from inflens.solvers import CG, Exact, LiSSA
 
+# reloaded and resumed runs must give the same bits: `make test` runs these with 1 and 2 threads
+pytestmark = pytest.mark.determinism
+
 
 def _problem(seed: int = 0, n: int = 120, d: int = 5, classes: int = 3):
     """Softmax regression in float64 at a random theta: with l2 > 0 its Hessian is PD."""

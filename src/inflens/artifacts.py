@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .data import Data, DataLike
 from .errors import InflensError, InputError
+from .layout import canonical
 from .objective import Objective
 
 if TYPE_CHECKING:
@@ -129,15 +130,13 @@ _DATA_FIX = "load it with the same training data in the same order, or refit"
 
 # ---------------------------------------------------------------------------- solver state
 def _solver_state(solver: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split a fitted solver's attributes into tensors and JSON values.
-
-    A solver may define ``state_dict() -> dict`` / ``load_state_dict(dict)``; otherwise every
-    attribute except the curvature is taken: tensors (also inside lists and str-keyed dicts)
+    """Split a fitted solver's :meth:`~inflens.solvers.Solver.state_dict` into tensors and
+    JSON values: tensors (also inside lists and str-keyed dicts, and nested solvers' states)
     go to safetensors under dotted keys, the rest must be JSON-serialisable.
     """
     from .solvers import Solver
 
-    state = solver.state_dict() if hasattr(solver, "state_dict") else dict(vars(solver))
+    state = solver.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     values: dict[str, Any] = {}
     for key, v in state.items():
@@ -183,11 +182,7 @@ def _restore_solver(cls: type, tensors: dict[str, torch.Tensor], values: dict[st
     for key, t in tensors.items():
         if "." not in key:
             state[key] = t.to(device)
-    if hasattr(solver, "load_state_dict"):
-        solver.__dict__["curvature_"] = None
-        solver.load_state_dict(state)
-    else:
-        solver.__dict__.update(state)
+    solver.load_state_dict(state)
     return solver
 
 
@@ -322,7 +317,7 @@ def load_vectors(inf: Influence, folder: str | os.PathLike, name: str) -> torch.
         raise InputError(f"{path} does not exist")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        vecs = f.get_tensor("vectors")
+        vecs = canonical(f.get_tensor("vectors"))
     _check(meta, "model_fingerprint", model_fingerprint(inf.objective), path, "model parameters",
            _MODEL_FIX)  # fmt: skip
     _check(meta, "data_fingerprint", data_fingerprint(inf.train), path, "training data",

@@ -113,7 +113,7 @@ class Influence:
             if obj.builtin_loss:
                 self._check_labels(y, n_classes, start, "training", seen)
         self.n_classes_ = n_classes
-        self.solver.fit(curv)
+        self.solver.fit(curv).canonicalize()  # the layout a reloaded solver will have
         self.curvature_ = curv
         self.n_train_ = curv.n
         return self
@@ -370,8 +370,7 @@ class Influence:
         """
         curv = self._fitted()
         obj = self.objective
-        direct = getattr(self.solver, "direct", False) or self.solver.name == "exact"
-        if not direct and curv.n > 1000:
+        if not self.solver.direct and curv.n > 1000:
             warnings.warn(
                 f"self_influence with the iterative {self.solver.name!r} solver solves one "
                 f"system per training point ({curv.n} of them); use solver='exact' (small p), "
@@ -379,16 +378,12 @@ class Influence:
                 InflensWarning,
                 stacklevel=2,
             )
-        inner = getattr(self.solver, "inner", None)
         out = []
         with obj.evaluating():
             for _, x, y in curv.chunks(desc="Self-influence"):
                 g = obj.per_example_grads(x, y, "loss")
                 gt = g + obj.l2 * obj.theta if include_l2_gradient else g
-                if inner is not None:
-                    out.append(-inner(g, gt))
-                else:
-                    out.append(-(g * self.solver.solve(gt)).sum(1))
+                out.append(-self.solver.inner(g, gt))
         return torch.cat(out)
 
     def input_influence(self, test: DataLike, indices: Indices) -> torch.Tensor:

@@ -146,6 +146,7 @@ def test_preconditioner_must_be_a_solver() -> None:
         CG(preconditioner="nope")
 
 
+@pytest.mark.determinism
 def test_pcg_by_name_is_cg_with_kfac_and_round_trips(tmp_path) -> None:
     """``solver="pcg"``: CG preconditioned by K-FAC; same answer as Exact; saved and loaded by
     name with its preconditioner."""

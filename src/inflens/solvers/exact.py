@@ -41,6 +41,7 @@ class Exact(Solver):
     """
 
     name = "exact"
+    direct = True
     #: above this p, "auto" factorises by Cholesky
     EIGH_MAX_P = 2000
 
