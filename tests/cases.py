@@ -182,6 +182,19 @@ EXTRA_CASES: list[Case] = [
     ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES + EXTRA_CASES}
+#: cases whose theta is one Linear layer on frozen features: the closed-form backend applies
+LINEAR_HEAD_CASES = {
+    "logreg_binary",
+    "logreg_binary_pm1",
+    "logreg_multiclass",
+    "smooth_hinge_svm",
+    "mlp_top_layer",
+}
+
+
+def backends_claiming(name: str) -> list[str]:
+    """Every derivatives backend that claims case ``name`` (each shared test runs on each)."""
+    return (["linear_head"] if name in LINEAR_HEAD_CASES else []) + ["vmap", "jacobian"]
 
 
 # ---------------------------------------------------------------------------- reference maths
@@ -309,6 +322,8 @@ class Fitted:
     yt: torch.Tensor
     theta: torch.Tensor
     hess: torch.Tensor
+    #: the derivatives backend the tests run this case with (the ``case`` fixture sets it)
+    backend: str = "auto"
 
     def fresh_model(self) -> nn.Module:
         """A new copy of the model at theta-hat (tests may mutate theirs)."""

@@ -12,7 +12,9 @@ _TESTS = Path(__file__).resolve().parent
 if str(_TESTS) not in sys.path:  # so that test modules in subfolders can `import cases`
     sys.path.insert(0, str(_TESTS))
 
-from cases import CASES, Fitted, fitted  # noqa: E402
+import dataclasses  # noqa: E402
+
+from cases import CASES, Fitted, backends_claiming, fitted  # noqa: E402
 
 #: The project's real data: ../shared/data next to the repository.
 SHARED_DATA = _TESTS.parent.parent / "shared" / "data"
@@ -29,7 +31,12 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(params=[c.name for c in CASES])
+@pytest.fixture(
+    params=[(c.name, b) for c in CASES for b in backends_claiming(c.name)],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
 def case(request: pytest.FixtureRequest) -> Fitted:
-    """Every small problem of ``cases.CASES``, fitted to its exact minimum (float64)."""
-    return fitted(request.param)
+    """Every small problem of ``cases.CASES``, fitted to its exact minimum (float64), once for
+    every derivatives backend that claims it (``case.backend``: tests pass it to Objective)."""
+    name, backend = request.param
+    return dataclasses.replace(fitted(name), backend=backend)

@@ -12,7 +12,7 @@ from torch import nn
 
 from cases import DT, MLP, fitted, rel_err
 from inflens import InflensWarning, Influence, Objective
-from inflens.linear_head import LinearHead, probe
+from inflens.backends import LinearHeadBackend, VmapBackend
 from inflens.solvers import CG, Exact, LiSSA
 
 
@@ -22,11 +22,15 @@ def _obj(name: str, **kw) -> tuple[Objective, object]:
     return Objective(f.fresh_model(), c.loss, l2=c.l2, params=c.params, t=c.t, **kw), f
 
 
+def _autograd(obj: Objective, x, y, which: str) -> torch.Tensor:
+    """Per-example gradients by plain torch.func autograd (the reference for closed forms)."""
+    return VmapBackend(obj).per_example_grads(obj.theta, x, y, which)
+
+
 # ---------------------------------------------------------------------------- linear head
 def test_top_layer_closed_form_matches_autograd_and_the_reference() -> None:
     obj, f = _obj("mlp_top_layer")  # params = "fc.": a Linear layer on frozen tanh features
-    head = obj.linear_head(f.x, f.y)
-    assert isinstance(head, LinearHead)
+    assert isinstance(obj.select_backend(f.x, f.y), LinearHeadBackend)
     ref = f.ref.grad_each(f.theta, f.x, f.y)
     assert rel_err(obj.per_example_grads(f.x, f.y), ref) < 1e-12
     v = torch.randn(3, obj.p, generator=torch.Generator().manual_seed(0), dtype=DT)
@@ -35,7 +39,7 @@ def test_top_layer_closed_form_matches_autograd_and_the_reference() -> None:
     obj_m = Objective(
         f.fresh_model(), "cross_entropy", params="fc.", measurement=lambda o, y: o[:, 0]
     )
-    auto = obj_m._per_example_grads_autograd(f.x, f.y, "measurement", obj_m.theta)
+    auto = _autograd(obj_m, f.x, f.y, "measurement")
     assert rel_err(obj_m.per_example_grads(f.x, f.y, "measurement"), auto) < 1e-12
 
 
@@ -45,12 +49,11 @@ def test_influence_scores_with_and_without_the_closed_form() -> None:
     gte = f.ref.grad_each(f.theta, f.xt, f.yt)
     want = -(gte @ torch.linalg.solve(f.hess, gtr.T))
     for use in (True, False):
-        obj, _ = _obj("mlp_top_layer")
-        obj.use_linear_head = use
+        obj, _ = _obj("mlp_top_layer", backend="auto" if use else "vmap")
         for scoring in ("jvp", "grad"):
             inf = Influence(obj, (f.x, f.y), scoring=scoring, progress=False).fit()
             assert rel_err(inf.loss_influence((f.xt, f.yt)), want) < 1e-10
-        assert (obj.linear_head(f.x, f.y) is not None) == use
+        assert (obj.backend.name == "linear_head") == use
 
 
 @pytest.mark.parametrize("out_shape", ["[B,1]", "[B]"])
@@ -68,8 +71,8 @@ def test_binary_logit_outputs(out_shape: str) -> None:
     x = torch.randn(9, 4, generator=g, dtype=DT)
     y = torch.randint(0, 2, (9,), generator=g)
     obj = Objective(Logit().to(DT), "binary_logistic")
-    assert probe(obj, x, y) is not None
-    auto = obj._per_example_grads_autograd(x, y, "loss", obj.theta)
+    assert obj.select_backend(x, y).name == "linear_head"
+    auto = _autograd(obj, x, y, "loss")
     assert rel_err(obj.per_example_grads(x, y), auto) < 1e-12
 
 
@@ -98,8 +101,8 @@ def test_a_first_layer_under_a_frozen_network_also_has_the_closed_form() -> None
     x = torch.randn(6, 3, generator=g, dtype=DT)
     y = torch.randint(0, 2, (6,), generator=g)
     obj = Objective(MLP(3, 4, 2).to(DT), "cross_entropy", params="hidden.")
-    assert obj.linear_head(x, y) is not None
-    auto = obj._per_example_grads_autograd(x, y, "loss", obj.theta)
+    assert obj.select_backend(x, y).name == "linear_head"
+    auto = _autograd(obj, x, y, "loss")
     assert rel_err(obj.per_example_grads(x, y), auto) < 1e-12
 
 
@@ -114,8 +117,8 @@ def test_no_closed_form_where_it_does_not_apply(model: nn.Module, params) -> Non
     x = torch.randn(6, 6 if isinstance(model, _Seq) else 3, generator=g, dtype=DT)
     y = torch.randint(0, 2, (6,), generator=g)
     obj = Objective(model, "cross_entropy", params=params)
-    assert obj.linear_head(x, y) is None
-    auto = obj._per_example_grads_autograd(x, y, "loss", obj.theta)
+    assert obj.select_backend(x, y).name == "vmap"
+    auto = _autograd(obj, x, y, "loss")
     assert rel_err(obj.per_example_grads(x, y), auto) < 1e-12
 
 
@@ -139,7 +142,7 @@ def test_jvp_grad_and_auto_scoring_agree() -> None:
     costs = inf.diagnostics()["scoring_costs"]
     assert costs["per_example_grad_s"] > 0 and costs["probe_examples"] == 256
     # and against explicit per-example gradients
-    ge = obj._per_example_grads_autograd(x, y, "loss", obj.theta) + 0.1 * obj.theta
+    ge = _autograd(obj, x, y, "loss") + 0.1 * obj.theta
     assert rel_err(res["grad"], -(v @ ge.T)) < 1e-12
 
 
@@ -242,7 +245,7 @@ def test_self_influence_with_an_iterative_solver_warns_on_large_n() -> None:
 
 
 def test_linear_head_scores_in_large_chunks_with_the_same_result(monkeypatch) -> None:
-    """A closed-form Linear head is scored in chunks of up to LINEAR_HEAD_CHUNK examples
+    """A closed-form Linear head is scored in chunks of up to MAX_SCORING_CHUNK examples
     whatever the curvature's chunk size; the scores equal those of 7-example chunks."""
     f = fitted("logreg_multiclass")
     obj = Objective(f.fresh_model(), f.case.loss, l2=f.case.l2)
@@ -252,7 +255,7 @@ def test_linear_head_scores_in_large_chunks_with_the_same_result(monkeypatch) ->
     assert inf._scoring_chunk_size(s.shape[0]) == len(f.y)  # n < 4096: one chunk
     big = inf.score(s)
     sub = inf.score(s, torch.arange(len(f.y)))
-    monkeypatch.setattr(Influence, "LINEAR_HEAD_CHUNK", 1)
+    monkeypatch.setattr(LinearHeadBackend, "MAX_SCORING_CHUNK", 1)
     assert inf._scoring_chunk_size(s.shape[0]) == 7
     small = inf.score(s)
     assert rel_err(big, small) < 1e-12 and rel_err(sub, small) < 1e-12

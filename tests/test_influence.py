@@ -24,7 +24,10 @@ def _influence(
     case: Fitted, solver="exact", model: nn.Module | None = None, **kw
 ) -> inflens.Influence:
     c = case.case
-    obj = inflens.Objective(model or case.fresh_model(), c.loss, l2=c.l2, params=c.params, t=c.t)
+    obj = inflens.Objective(
+        model or case.fresh_model(), c.loss, l2=c.l2, params=c.params, t=c.t,
+        backend=case.backend,
+    )  # fmt: skip
     return inflens.Influence(obj, (case.x, case.y), solver=solver, progress=False, **kw).fit()
 
 
@@ -257,7 +260,7 @@ def test_dataset_and_dataloader_inputs_equal_tensors() -> None:
         ),
         ((case.x.numpy(), case.y.numpy()), test),
     ]:
-        obj = inflens.Objective(case.fresh_model(), c.loss, l2=c.l2)
+        obj = inflens.Objective(case.fresh_model(), c.loss, l2=c.l2, backend=case.backend)
         inf = inflens.Influence(obj, train, progress=False).fit()
         assert rel_err(inf.loss_influence(tst), want) < 1e-12
         assert (

@@ -16,7 +16,9 @@ DT = torch.float64
 
 def _objective(case: Fitted, **kw) -> inflens.Objective:
     c = case.case
-    return inflens.Objective(case.fresh_model(), c.loss, l2=c.l2, params=c.params, t=c.t, **kw)
+    return inflens.Objective(
+        case.fresh_model(), c.loss, l2=c.l2, params=c.params, t=c.t, backend=case.backend, **kw
+    )
 
 
 # ---------------------------------------------------------------------------- parameters

@@ -46,6 +46,18 @@ class ArtifactMismatchError(InflensError):
 
 
 # ---------------------------------------------------------------------------- fingerprints
+def _hash_tree(h: Any, name: str, x: Any) -> None:
+    """Hash every tensor of a batch tree (tensor, tuple or dict), with its key path."""
+    if isinstance(x, torch.Tensor):
+        _hash_tensor(h, name, x)
+    elif isinstance(x, dict):
+        for k in sorted(x):
+            _hash_tree(h, f"{name}.{k}", x[k])
+    else:
+        for i, v in enumerate(x):
+            _hash_tree(h, f"{name}.{i}", v)
+
+
 def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
     t = t.detach().to("cpu").contiguous()
     h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
@@ -76,7 +88,7 @@ def data_fingerprint(data: Data | DataLike, chunk_size: int = 4096) -> str:
         _hash_tensor(h, "y", data.y)
         return h.hexdigest()
     for _, x, y in data.chunks(chunk_size):
-        _hash_tensor(h, "x", x)
+        _hash_tree(h, "x", x)
         _hash_tensor(h, "y", y)
     return h.hexdigest()
 

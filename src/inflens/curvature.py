@@ -14,9 +14,10 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .data import Data
-from .errors import InputError, VmapError
-from .objective import Objective, _plain
+from .backends import is_plain
+from .data import Data, batch_len, index_batch
+from .errors import InputError
+from .objective import Objective
 
 #: largest automatic chunk on a CPU: bigger chunks fall out of the caches and run slower
 #: (measured, docs/solvers.md: for the paper's CNN, forward and JVP passes ran 1.7-2x slower
@@ -94,6 +95,16 @@ class Curvature:
         self._reuse_left = 0
 
     @property
+    def backend(self):
+        """The objective's derivatives backend, selected on the first examples if no
+        ``Influence.fit`` did it yet (a Curvature used on its own)."""
+        obj = self.objective
+        if obj._backend is None:
+            x, y = self.data.get(torch.arange(min(self.n, 4)))
+            obj.select_backend(*obj.prepare(x, y, self.data.name))
+        return obj.backend
+
+    @property
     def shift(self) -> float:
         """The multiple of the identity in ``A``: ``l2 + damping``."""
         return self.objective.l2 + self.damping
@@ -149,27 +160,25 @@ class Curvature:
             self._reuse = None
 
     def _cached_head_product(
-        self, start: int, vecs: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+        self, start: int, vecs: torch.Tensor, x, y: torch.Tensor
     ) -> torch.Tensor | None:
-        """The closed-form Linear-layer product from cached ``(phi, Lambda)`` inside
-        :meth:`reusing`, or None (then :meth:`sum_product` computes it afresh)."""
+        """The product from the backend's cached per-chunk curvature factors inside
+        :meth:`reusing` (a Linear layer on frozen features: its inputs and output Hessians),
+        or None (then :meth:`sum_product` computes it afresh)."""
         store = self._reuse
-        if store is None or not _plain(vecs):
+        if store is None or not is_plain(vecs):
             return None
+        backend = self.backend
         hit = store.get(start)
         if hit is None:
-            hit = self.objective.head_curvature_factors(x, y)
+            hit = backend.curvature_factors(self.objective.theta, x, y)
             if hit is None:
                 return None
-            head, phi, lam = hit
-            size = lam.numel() * lam.element_size()
-            if phi.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
-                size += phi.numel() * phi.element_size()  # computed features, not a view of x
+            size = backend.factors_nbytes(hit, x)
             if size <= self._reuse_left:
                 self._reuse_left -= size
                 store[start] = hit
-        head, phi, lam = hit
-        return head.curvature_product(vecs, phi, lam)
+        return backend.product_from_factors(vecs, hit)
 
     def sum_product(self, vecs: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``sum_{i in batch} C_i v`` with ``C_i`` the Hessian (or GGN) of ``loss(z_i)``, no shift."""
@@ -179,7 +188,7 @@ class Curvature:
 
     def batch_matvec(self, vecs: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mini-batch estimate ``((1/B) sum_{i in B} Hess loss(z_i) + (l2 + damping) I) v``."""
-        return self.sum_product(vecs, x, y) / x.shape[0] + self.shift * vecs
+        return self.sum_product(vecs, x, y) / y.shape[0] + self.shift * vecs
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over processes (one process: ``t`` itself)."""
@@ -191,70 +200,49 @@ class Curvature:
         total.diagonal().add_(self.shift)
         return 0.5 * (total + total.T)
 
-    def _dense_linear_head(self) -> torch.Tensor | None:
-        """``A`` in closed form when theta is one Linear layer on frozen features, else None.
-
-        ``sum_i J_i^T Lambda_i J_i`` (:meth:`inflens.linear_head.LinearHead.curvature_blocks`) is
-        then the exact Hessian (= GGN): ``O(n C^2 d^2)`` in a few matrix products instead of
-        ``p`` Hessian-vector products.
-        """
+    def _dense_closed_form(self) -> torch.Tensor | None:
+        """``A`` from the backend's closed form (a Linear layer on frozen features:
+        ``O(n C^2 d^2)`` in a few matrix products instead of ``p`` products), else None."""
         obj = self.objective
-        blocks, head = None, None
         with obj.evaluating():
-            for _, x, y in self.chunks("Hessian (closed form)"):
-                head = obj.linear_head(x, y)
-                if head is None:
-                    return None
-                try:
-                    blocks = head.curvature_blocks(obj.theta, x, y, blocks)
-                except (ValueError, RuntimeError):
-                    return None
-        if head is None or blocks is None:  # no data on this rank: probe on the full set
-            first = next(iter(self.data.chunks(min(self.n, 8))), None)
-            if first is None:
-                return None
-            _, x, y = first
-            head = obj.linear_head(x.to(self.device), y.to(self.device))
-            if head is None:
-                return None
-            dd = head.in_features + int(head.has_bias)
-            c = head.out_features
-            blocks = torch.zeros(c, dd, c, dd, dtype=self.dtype, device=self.device)
-        self.all_reduce(blocks)
-        return self._as_operator(head.to_theta_order(blocks))
-
-    def _dense_ggn(self) -> torch.Tensor | None:
-        """The GGN ``A`` from per-example output Jacobians (``C`` backward passes per chunk,
-        :meth:`inflens.objective.Objective.ggn_dense_sum`), or None if the model cannot be
-        vectorised that way (then ``p`` matrix-free products are used)."""
-        obj = self.objective
-        total = torch.zeros(self.p, self.p, dtype=self.dtype, device=self.device)
-        try:
-            with obj.evaluating():
-                sub = None
-                for _, x, y in self.chunks("Gauss-Newton (Jacobians)"):
-                    if sub is None:  # sub-chunks of O(sub C p) <= O(4 p^2) Jacobian entries
-                        c = max(1, obj.outputs(obj.theta, x[:1]).numel())
-                        sub = max(1, (4 * self.p) // c)
-                    for s in range(0, x.shape[0], sub):
-                        total += obj.ggn_dense_sum(x[s : s + sub], y[s : s + sub])
-        except VmapError:
+            total = self.backend.dense_curvature_sum(
+                obj.theta, self.chunks("Hessian (closed form)")
+            )
+        if total is None:
             return None
         return self._as_operator(self.all_reduce(total))
 
-    def dense(self, block: int = 256) -> torch.Tensor:
+    def _dense_ggn(self) -> torch.Tensor:
+        """The GGN ``A`` from per-example output Jacobians (``C`` backward passes per chunk,
+        :meth:`inflens.objective.Objective.ggn_dense_sum`)."""
+        obj = self.objective
+        total = torch.zeros(self.p, self.p, dtype=self.dtype, device=self.device)
+        with obj.evaluating():
+            sub = None
+            for _, x, y in self.chunks("Gauss-Newton (Jacobians)"):
+                if sub is None:  # sub-chunks of O(sub C p) <= O(4 p^2) Jacobian entries
+                    c = max(1, obj.predictions(obj.theta, index_batch(x, slice(0, 1))).numel())
+                    sub = max(1, (4 * self.p) // c)
+                for s in range(0, batch_len(x), sub):
+                    sl = slice(s, s + sub)
+                    total += obj.ggn_dense_sum(index_batch(x, sl), y[sl])
+        return self._as_operator(self.all_reduce(total))
+
+    def dense(self, block: int = 256, method: str = "auto") -> torch.Tensor:
         """The explicit ``[p, p]`` matrix ``A``.
 
-        In closed form for a Linear layer on frozen features (see :meth:`_dense_linear_head`);
-        otherwise from ``p`` matrix-free products, blocked.
+        ``method="auto"``: in closed form for a Linear layer on frozen features (see
+        :meth:`_dense_closed_form`), from per-example output Jacobians for the GGN, otherwise
+        from ``p`` matrix-free products, blocked; ``"products"``: always the latter.
         """
-        closed = self._dense_linear_head()
-        if closed is not None:
-            return closed
-        if self.curvature == "ggn":
-            ggn = self._dense_ggn()
-            if ggn is not None:
-                return ggn
+        if method not in ("auto", "products"):
+            raise InputError(f"method must be 'auto' or 'products', got {method!r}")
+        if method == "auto":
+            closed = self._dense_closed_form()
+            if closed is not None:
+                return closed
+            if self.curvature == "ggn":
+                return self._dense_ggn()
         eye = torch.eye(self.p, dtype=self.dtype, device=self.device)
         cols = []
         bar = tqdm(range(0, self.p, block), desc="Hessian", disable=not self.progress, leave=False)

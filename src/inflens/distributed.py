@@ -29,7 +29,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Subset
 
 from .curvature import Curvature
 from .data import Data
@@ -74,9 +73,7 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def _shard_data(data: Data, lo: int, hi: int) -> Data:
-    if data.x is not None:
-        return Data((data.x[lo:hi], data.y[lo:hi]), data.name)
-    return Data(Subset(data.dataset, range(lo, hi)), data.name)  # type: ignore[arg-type]
+    return data.subset(lo, hi)
 
 
 def all_gather_columns(block: torch.Tensor, n: int, world_size: int) -> torch.Tensor:

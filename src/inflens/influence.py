@@ -25,12 +25,14 @@ from typing import Any
 import torch
 
 from .curvature import Curvature, check_curvature
-from .data import Data, DataLike
+from .data import Data, DataLike, index_batch
 from .errors import InflensWarning, InputError, NotFittedError
+from .losses import IGNORE_INDEX
 from .objective import Objective
 from .solvers import Solver, make_solver
 
 Indices = torch.Tensor | Sequence[int] | None
+_CLASSIFICATION = ("cross_entropy", "sequence_classification")
 
 
 class Influence:
@@ -106,10 +108,12 @@ class Influence:
         seen: set[int] = set()  # binary label values over all chunks (to refuse a 0/-1 mix)
         for start, x, y in curv.chunks(desc="Checking data", check=True):
             if start == 0:
-                obj.check_batch(x[:16], y[:16], "training data")
-                if obj.builtin_loss and obj.loss_name == "cross_entropy":
+                head = index_batch(x, slice(0, 16))
+                obj.check_batch(head, y[:16], "training data")
+                obj.select_backend(head, y[:16])
+                if obj.builtin_loss and obj.loss_name in _CLASSIFICATION:
                     with torch.no_grad():
-                        n_classes = obj.outputs(obj.theta, x[:1]).shape[1]
+                        n_classes = obj.predictions(obj.theta, index_batch(x, slice(0, 1))).shape[1]
             if obj.builtin_loss:
                 self._check_labels(y, n_classes, start, "training", seen)
         self.n_classes_ = n_classes
@@ -132,10 +136,15 @@ class Influence:
         accepted, but a mix would silently map 0 and -1 to the same class.
         """
         name = self.objective.loss_name
-        if name == "cross_entropy" and n_classes is not None:
+        if name in _CLASSIFICATION and n_classes is not None:
             if y.is_floating_point():
+                raise InputError(f"{name!r} needs integer class labels; convert with y.long()")
+            if (y == IGNORE_INDEX).any():
+                i = int((y == IGNORE_INDEX).nonzero()[0, 0])
                 raise InputError(
-                    "'cross_entropy' needs integer class labels; convert with y.long()"
+                    f"{what} label of example {start + i} is -100 (PyTorch's ignore_index): a "
+                    "classification loss would give it zero loss and zero influence. Drop such "
+                    "examples, or use loss='causal_lm' for token sequences (-100 = not counted)"
                 )
             bad = (y < 0) | (y >= n_classes)
             if bad.any():
@@ -183,7 +192,7 @@ class Influence:
     ):
         x, y = self.objective.prepare(x, y, data.name, start)
         if start == 0:
-            self.objective.check_batch(x[:16], y[:16], data.name)
+            self.objective.check_batch(index_batch(x, slice(0, 16)), y[:16], data.name)
         if self.objective.builtin_loss:
             # all labels, not only the 16 check_batch saw: an out-of-range class would fail deep
             # inside vmap, and a binary label 2 would silently count as +1
@@ -222,26 +231,11 @@ class Influence:
         x, y = self.train.get(indices)
         return self.objective.prepare(x, y, "training data")
 
-    #: largest scoring chunk for a closed-form Linear head (its per-example work is a few
-    #: matrix products, so bigger chunks amortise the per-chunk forward and loss backward:
-    #: scoring MNIST-LR for one test point took 42 ms in 512-example chunks, 25 ms in 4096)
-    LINEAR_HEAD_CHUNK = 4096
-
     def _scoring_chunk_size(self, k: int) -> int:
-        """The curvature's chunk size, or a larger one for a closed-form Linear head whose
-        ``[chunk, d + 2 k C]`` working set fits a 256 MiB budget."""
+        """The curvature's chunk size, or the backend's larger one (a closed-form Linear head
+        scores in chunks of up to 4,096 within 256 MiB)."""
         curv = self._fitted()
-        obj = self.objective
-        if self.n == 0:
-            return curv.chunk_size
-        x, y = self._get_train(torch.arange(min(self.n, 4)))
-        head = obj.linear_head(x, y)
-        if head is None:
-            return curv.chunk_size
-        itemsize = torch.finfo(obj.dtype).bits // 8
-        per_example = (head.in_features + (2 * k + 1) * head.out_features) * itemsize
-        fits = max(1, (256 * 2**20) // per_example)
-        return int(max(curv.chunk_size, min(self.n, self.LINEAR_HEAD_CHUNK, fits)))
+        return self.objective.backend.scoring_chunk_size(k, curv.chunk_size, self.n)
 
     #: examples in the probe chunk that times the two scoring methods (``scoring="auto"``)
     _PROBE = 256
@@ -267,9 +261,9 @@ class Influence:
             return self.scoring_costs_
         self.scoring_costs_: dict[str, float] | None = None
         obj = self.objective
-        x, y = self._get_train(torch.arange(min(self._PROBE, self.n)))
-        if obj.linear_head(x, y) is not None:
+        if obj.backend.closed_form_scoring:
             return None  # the closed form is used for any k
+        x, y = self._get_train(torch.arange(min(self._PROBE, self.n)))
         g = torch.Generator(device="cpu").manual_seed(0)
         vecs = torch.randn(4, obj.p, generator=g, dtype=obj.dtype).to(obj.device)
 
@@ -294,7 +288,7 @@ class Influence:
             "jvp_fixed_s": max(t1 - per_vec, 0.0),
             "jvp_per_vector_s": per_vec,
             "per_example_grad_s": tg,
-            "probe_examples": int(x.shape[0]),
+            "probe_examples": int(y.shape[0]),
         }
         return self.scoring_costs_
 
@@ -304,7 +298,7 @@ class Influence:
         With ``v_j = s_test`` this is ``I_up,loss(z_i, z_test_j)``. One pass over the training
         data: forward-mode JVPs for few vectors, per-example gradients otherwise (``scoring``;
         ``"auto"`` picks the cheaper from a one-off timing), or the closed form of a top
-        Linear layer (:mod:`inflens.linear_head`) for any number of vectors.
+        Linear layer (:mod:`inflens.backends`) for any number of vectors.
         """
         curv = self._fitted()
         obj = self.objective
@@ -314,9 +308,11 @@ class Influence:
         use_jvp = self._use_jvp(s.shape[0], n_scored)
         chunk = self._scoring_chunk_size(s.shape[0])
 
-        def block(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            # a top Linear layer has closed-form directional derivatives for any k
-            if use_jvp or obj.linear_head(x, y) is not None:
+        closed = obj.backend.closed_form_scoring
+
+        def block(x, y: torch.Tensor) -> torch.Tensor:
+            # a closed-form backend has cheap directional derivatives for any k
+            if use_jvp or closed:
                 return obj.loss_jvp(s, x, y)
             return s @ obj.per_example_grads(x, y, "loss").T
 
@@ -454,6 +450,24 @@ class Influence:
 
         return score_folder_for_test(self, test, folder, chunk_size, **kwargs)
 
+    def build_index(
+        self,
+        folder: str | os.PathLike,
+        dim: int | None = None,
+        projection: str = "auto",
+        **kwargs: Any,
+    ) -> "GradientIndex":  # noqa: F821, UP037 - imported lazily (index.py imports this module's peers)
+        """Write every training gradient, preconditioned and optionally projected, to ``folder``.
+
+        ``index.loss_influence(test)`` then equals :meth:`loss_influence` (``dim=None``, to
+        round-off) or estimates it without bias (a random projection to ``dim``), reading the
+        stored rows instead of the training data; see :mod:`inflens.index` (``kwargs``:
+        :class:`inflens.index.IndexConfig`).
+        """
+        from .index import build_index
+
+        return build_index(self, folder, dim=dim, projection=projection, **kwargs)
+
     def diagnostics(self, eigenvalues: bool = False) -> dict[str, Any]:
         """Solver and problem facts: n, p, damping, l2, and what the solver measured.
 
@@ -474,6 +488,7 @@ class Influence:
             "damping": self.damping,
             "chunk_size": curv.chunk_size,
             "hessian_vector_products": curv.num_matvecs,
+            **self.objective.backend.describe(),
             **self.solver.diagnostics(),
         }
         if getattr(self, "scoring_costs_", None):

@@ -14,23 +14,21 @@ to ``s`` alone (a backward pass through the loss only, not through the network).
 gradients are then an outer product and scores ``s_test . g_i`` are two small matrix products,
 without forming ``[B, p]`` at all.
 
-:func:`probe` decides whether an :class:`~inflens.objective.Objective` qualifies and checks
-the closed form against autograd on a few examples before it is used; anything unusual (a layer
-called twice, features with extra dimensions, a loss that mixes examples) falls back to
-autograd silently.
+:func:`find_linear_head` decides whether an objective qualifies structurally; the backend checks
+the closed form against autograd on a few examples before it is used
+(:func:`inflens.backends.select_backend`); anything unusual (a layer called twice, features
+with extra dimensions, a loss that mixes examples) selects another backend, with the reason
+recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .objective import Objective
 
 
 class LinearHead:
@@ -42,7 +40,7 @@ class LinearHead:
         module: the ``nn.Linear`` whose parameters are theta.
     """
 
-    def __init__(self, objective: Objective, module: nn.Linear, prefix: str) -> None:
+    def __init__(self, objective: Any, module: nn.Linear, prefix: str) -> None:
         self.objective = objective
         self.module = module
         # (kind, slice into theta) in theta's order
@@ -240,32 +238,19 @@ class LinearHead:
         return out
 
 
-def probe(objective: Objective, x: torch.Tensor, y: torch.Tensor) -> LinearHead | None:
-    """A :class:`LinearHead` when theta is one ``nn.Linear`` on frozen 2-D features, else None.
-
-    The closed form is accepted only if it reproduces the autograd per-example gradients of
-    the first (at most four) examples of ``x`` to round-off.
-    """
+def find_linear_head(objective: Any) -> tuple[LinearHead | None, str]:
+    """``(LinearHead, "")`` when theta is exactly the parameters of one ``nn.Linear`` module
+    (structure only; :func:`inflens.backends.select_backend` then checks the closed form against
+    autograd), else ``(None, why not)``."""
     names = objective.names
     prefix = names[0].rpartition(".")[0]
     prefix = prefix + "." if prefix else ""
     if not all(n in (prefix + "weight", prefix + "bias") for n in names):
-        return None
+        return None, "theta is not the parameters of one module"
     try:
         module = objective.model.get_submodule(prefix[:-1]) if prefix else objective.model
     except AttributeError:
-        return None
+        return None, "theta's module was not found"
     if type(module) is not nn.Linear:  # subclasses may override forward
-        return None
-    head = LinearHead(objective, module, prefix)
-    xs, ys = x[:4], y[:4]
-    try:
-        closed = head.per_example_grads(objective.theta, xs, ys)
-    except (ValueError, RuntimeError):
-        return None
-    auto = objective._per_example_grads_autograd(xs, ys, "loss", objective.theta)
-    eps = torch.finfo(objective.dtype).eps
-    scale = float(auto.abs().max()) + eps
-    if closed.shape != auto.shape or float((closed - auto).abs().max()) > 1e3 * eps * scale:
-        return None
-    return head
+        return None, f"theta's module is a {type(module).__name__}, not nn.Linear"
+    return LinearHead(objective, module, prefix), ""

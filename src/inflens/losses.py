@@ -10,6 +10,13 @@ Built-in names accepted by :class:`inflens.Objective`:
 - ``"smooth_hinge"``: ``SmoothHinge(s, t) = t log(1 + exp((1 - s)/t))`` (Sec. 4.3); ``t = 0`` is
   the hinge.
 - ``"mse"``: mean over the non-batch dimensions of ``(outputs - targets)^2``.
+- ``"causal_lm"``: next-token cross-entropy with the Hugging Face conventions. Outputs
+  ``[B, T, V]`` logits (a tensor, or a ``ModelOutput`` whose ``logits`` the objective takes),
+  labels ``[B, T]`` token ids; position ``t`` of the logits predicts label ``t + 1`` (the
+  one-position shift), and label ``-100`` is not counted. The per-example loss is the *mean*
+  over that sequence's counted tokens, ``L_i = (1 / N_i) sum_{t counted} l_it``; a sequence
+  with no counted token is refused (its mean is undefined).
+- ``"sequence_classification"``: cross-entropy on ``[B, C]`` logits (``ModelOutput.logits``).
 """
 
 from __future__ import annotations
@@ -62,6 +69,42 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(outputs, targets, reduction="none")
 
 
+#: the label that PyTorch's and Hugging Face's losses ignore
+IGNORE_INDEX = -100
+
+
+def causal_lm_token_losses(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[B, T]``: ``l_it / N_i`` for each label position ``t`` (0 at position 0, at ignored
+    labels and at padding), so that the row sums are the ``"causal_lm"`` per-example losses.
+
+    ``l_it = -log softmax(outputs[i, t - 1])[targets[i, t]]`` (the logits at ``t - 1`` predict
+    the token at ``t``); ``N_i`` is the number of labels that are not ``-100`` after the shift.
+    """
+    if outputs.ndim != 3 or targets.ndim != 2 or outputs.shape[:2] != targets.shape:
+        raise InputError(
+            "'causal_lm' needs logits [batch, T, vocab] and labels [batch, T], got logits "
+            f"{tuple(outputs.shape)} and labels {tuple(targets.shape)}"
+        )
+    labels = targets[:, 1:]
+    keep = labels != IGNORE_INDEX
+    safe = torch.where(keep, labels, torch.zeros_like(labels))
+    logp = torch.log_softmax(outputs[:, :-1], dim=-1)
+    nll = -torch.gather(logp, 2, safe.unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+    count = keep.sum(1, keepdim=True).clamp_min(1).to(nll.dtype)
+    per_token = torch.where(keep, nll, torch.zeros_like(nll)) / count
+    return torch.cat([per_token.new_zeros(per_token.shape[0], 1), per_token], 1)
+
+
+def causal_lm(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy per sequence, the mean over its counted tokens (module docstring)."""
+    return causal_lm_token_losses(outputs, targets).sum(1)
+
+
+def sequence_classification(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy of ``[B, C]`` sequence-level logits (as ``"cross_entropy"``)."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
 def binary_logistic(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``log(1 + exp(-y s))`` with ``y`` in {-1, +1} (labels 0/1 are mapped to -1/+1)."""
     s = _binary_scores(outputs, "binary_logistic")
@@ -105,7 +148,17 @@ def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (diff**2).reshape(diff.shape[0], -1).mean(1)
 
 
-BUILTIN_LOSSES = ("cross_entropy", "binary_logistic", "hinge", "smooth_hinge", "mse")
+BUILTIN_LOSSES = (
+    "cross_entropy",
+    "binary_logistic",
+    "hinge",
+    "smooth_hinge",
+    "mse",
+    "causal_lm",
+    "sequence_classification",
+)
+#: losses whose per-example value is a mean of per-token terms (per-token influence applies)
+TOKEN_LOSSES = {"causal_lm": causal_lm_token_losses}
 _BINARY = ("binary_logistic", "hinge", "smooth_hinge")
 
 
@@ -132,7 +185,7 @@ def output_hessian_factor(
     cross terms sum to ``-2 p p^T`` and ``sum_c p_c p p^T = p p^T``), so
     ``u_c = sqrt(p_c) (e_c - p)``: no eigendecomposition per example.
     """
-    if loss_fn is not cross_entropy or outputs.ndim != 2:
+    if loss_fn not in (cross_entropy, sequence_classification) or outputs.ndim != 2:
         return None
     p = torch.softmax(outputs, dim=-1)
     eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
@@ -153,6 +206,8 @@ def resolve_loss(loss: str | LossFn, t: float | None = None) -> tuple[str, LossF
         "binary_logistic": binary_logistic,
         "hinge": hinge,
         "mse": mse,
+        "causal_lm": causal_lm,
+        "sequence_classification": sequence_classification,
     }
     if loss not in table:
         raise InputError(
@@ -168,18 +223,51 @@ def check_targets(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> No
         raise InputError(
             f"model returned {outputs.shape[0]} outputs for a batch with {targets.shape[0]} labels"
         )
-    if name == "cross_entropy":
+    if name == "causal_lm":
+        if outputs.ndim != 3 or targets.ndim != 2 or outputs.shape[:2] != targets.shape:
+            raise InputError(
+                "'causal_lm' needs logits [batch, T, vocab] and labels [batch, T] (Hugging Face "
+                f"style: labels = input_ids, padding set to -100), got logits "
+                f"{tuple(outputs.shape)} and labels {tuple(targets.shape)}"
+            )
+        if targets.is_floating_point():
+            raise InputError("'causal_lm' needs integer token labels; convert with labels.long()")
+        v = outputs.shape[2]
+        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= v))
+        if bad.any():
+            raise InputError(
+                f"token labels must lie in [0, {v - 1}] or be -100 (ignored), found "
+                f"{int(targets[bad][0])}"
+            )
+        empty = (targets[:, 1:] == IGNORE_INDEX).all(1)
+        if empty.any():
+            raise InputError(
+                f"sequence {int(empty.nonzero()[0, 0])} of the batch has no counted token after "
+                "the one-position shift (all labels are -100): its mean loss is undefined; drop "
+                "it from the data"
+            )
+        return
+    if name in ("cross_entropy", "sequence_classification"):
         if outputs.ndim != 2:
             raise InputError(
                 "'cross_entropy' needs model outputs of shape [batch, classes], "
                 f"got {tuple(outputs.shape)}"
             )
         if targets.is_floating_point() or targets.ndim != 1:
+            onehot = targets.ndim == 2 and targets.shape == outputs.shape
             raise InputError(
                 "'cross_entropy' needs integer class labels of shape [batch], got "
-                f"{targets.dtype} labels of shape {tuple(targets.shape)}; convert with y.long()"
-            )
+                f"{targets.dtype} labels of shape {tuple(targets.shape)}; "
+                + ("one-hot targets: convert with y.argmax(1)" if onehot else
+                   "convert with y.long()")
+            )  # fmt: skip
         c = outputs.shape[1]
+        if (targets == IGNORE_INDEX).any():
+            raise InputError(
+                "label -100 (PyTorch's ignore_index) found: a classification loss would give "
+                "such an example zero loss and zero influence. Drop those examples, or use "
+                "loss='causal_lm' for token sequences, where -100 marks positions not counted"
+            )
         lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= c:
             raise InputError(

@@ -12,34 +12,47 @@ off): influence is defined for a fixed, deterministic function of theta.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+from torch.func import functional_call, grad
 
-from .errors import InputError, VmapError
+from .backends import DerivativesBackend, is_plain, math_attention, select_backend
+from .data import Batch, batch_len, float_leaves, index_batch, to_device
+from .errors import InputError
 from .forward_mode import directional_derivative
-from .losses import LossFn, check_targets, output_hessians, resolve_loss
+from .losses import TOKEN_LOSSES, LossFn, check_targets, resolve_loss
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .linear_head import LinearHead
-
-Measurement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-_VMAP_HINT = (
-    "Per-example gradients run the model on one example at a time under torch.func.vmap. "
-    "Common causes of failure: in-place operations on inputs or parameters (use out-of-place "
-    "ops), BatchNorm forced into training mode, data-dependent Python control flow or "
-    ".item() calls inside forward(), or layers that only accept batched inputs of a fixed size."
-)
+Measurement = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
-def _plain(*tensors: torch.Tensor) -> bool:
-    """True when no tensor is wrapped by a torch.func transform (so plain autograd may run)."""
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return not any(wrapped(t) for t in tensors)
+def prediction_tensor(out: Any) -> torch.Tensor:
+    """The tensor a built-in loss reads from a model's output: the output itself, its
+    ``logits`` (a Hugging Face ``ModelOutput`` or a dict), or the first element of a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise InputError(
+        f"the model returned a {type(out).__name__}; inflens needs a tensor, a ModelOutput or "
+        "dict with 'logits', or a tuple whose first element is the prediction"
+    )
+
+
+def call_model(model: nn.Module, params: dict[str, torch.Tensor], x: Batch) -> Any:
+    """``model(x)``, ``model(*x)`` for a tuple or ``model(**x)`` for a dict, at ``params``."""
+    if isinstance(x, Mapping):
+        return functional_call(model, params, (), dict(x))
+    if isinstance(x, tuple):
+        return functional_call(model, params, x)
+    return functional_call(model, params, (x,))
 
 
 @contextlib.contextmanager
@@ -87,6 +100,12 @@ class Objective:
         measurement: optional ``(outputs, targets) -> [batch]`` to explain instead of the test
             loss (a margin, a logit, a probability). Defaults to the loss.
         t: temperature of ``"smooth_hinge"`` (default 0.001).
+        backend: how derivatives are computed (:mod:`inflens.backends`): ``"auto"`` (chosen
+            once on the first training batch), ``"linear_head"``, ``"vmap"`` or ``"jacobian"``.
+
+    Inputs may be a tensor, a tuple (``model(*x)``) or a dict (``model(**x)``) of tensors. A
+    built-in loss reads the model's prediction tensor (a Hugging Face ``ModelOutput``'s
+    ``logits``); a callable loss receives the model's output as it is.
 
     Example:
         >>> obj = Objective(nn.Linear(4, 3, bias=False), "cross_entropy", l2=0.01)
@@ -102,6 +121,7 @@ class Objective:
         params: str | Sequence[str] | None = None,
         measurement: Measurement | None = None,
         t: float | None = None,
+        backend: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -139,11 +159,14 @@ class Objective:
         selected = set(self.names)
         self.frozen = {n: p.detach() for n, p in named.items() if n not in selected}
         self.frozen.update({n: b for n, b in model.named_buffers()})
-        #: use the closed-form per-example gradients of a top Linear layer when theta is exactly
-        #: that layer (see :mod:`inflens.linear_head`); set False to force autograd
-        self.use_linear_head = True
-        self._head: object | None = None  # None: not probed yet; False: not applicable
+        from .backends import BACKENDS
+
+        if backend not in BACKENDS:
+            raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.requested_backend = backend
+        self._backend: DerivativesBackend | None = None
         self._held_eval = False
+        self._structured_output = False  # the model returns a ModelOutput/dict/tuple
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -172,17 +195,20 @@ class Objective:
 
     # ------------------------------------------------------------------ data checks
     def prepare(
-        self, x: torch.Tensor, y: torch.Tensor, name: str = "data", start: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Move a chunk to theta's device and check dtype and finiteness."""
-        x = x.to(self.device)
+        self, x: Batch, y: torch.Tensor, name: str = "data", start: int = 0
+    ) -> tuple[Batch, torch.Tensor]:
+        """Move a chunk to theta's device (documented: data on another device is moved) and
+        check dtype and finiteness."""
+        x = to_device(x, self.device)
         y = y.to(self.device)
-        if x.is_floating_point() and x.dtype != self.dtype:
-            raise InputError(
-                f"{name} inputs are {x.dtype} but the model parameters are {self.dtype}; "
-                f"convert the inputs (e.g. X.to({self.dtype})) or the model"
-            )
-        for t_, what in ((x, "inputs"), (y, "targets")):
+        floats = float_leaves(x)
+        for t_ in floats:
+            if t_.dtype != self.dtype:
+                raise InputError(
+                    f"{name} inputs are {t_.dtype} but the model parameters are {self.dtype}; "
+                    f"convert the inputs (e.g. X.to({self.dtype})) or the model"
+                )
+        for t_, what in [*((f, "inputs") for f in floats), (y, "targets")]:
             if t_.is_floating_point():
                 bad = ~torch.isfinite(t_)
                 if bad.any():
@@ -193,38 +219,44 @@ class Objective:
                     )
         return x, y
 
-    def check_batch(self, x: torch.Tensor, y: torch.Tensor, name: str = "data") -> None:
+    def check_batch(self, x: Batch, y: torch.Tensor, name: str = "data") -> None:
         """Run the model on a small batch and check outputs against targets and the loss."""
+        b = batch_len(x)
         try:
             with torch.no_grad():
-                out = self.outputs(self.theta, x)
+                raw = self.outputs(self.theta, x)
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure here is a shape/type mismatch
+            shapes = (
+                {k: tuple(v.shape) for k, v in x.items()}
+                if isinstance(x, Mapping)
+                else (
+                    tuple(x.shape) if isinstance(x, torch.Tensor) else [tuple(v.shape) for v in x]
+                )
+            )
             raise InputError(
-                f"the model could not process {name} inputs of shape {tuple(x.shape)} "
+                f"the model could not process {name} inputs of shape {shapes} "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
-        if not isinstance(out, torch.Tensor):
-            raise InputError(f"the model must return a tensor, got {type(out).__name__}")
+        self._structured_output = not isinstance(raw, torch.Tensor)
         if self.builtin_loss:
-            check_targets(self.loss_name, out, y)
+            check_targets(self.loss_name, prediction_tensor(raw), y)
         with torch.no_grad():
             vals = self.losses(self.theta, x, y)
-        if vals.shape != (x.shape[0],):
+        if vals.shape != (b,):
             raise InputError(
-                f"the loss must return one value per example, shape [{x.shape[0]}], "
-                f"got {tuple(vals.shape)}"
+                f"the loss must return one value per example, shape [{b}], got {tuple(vals.shape)}"
             )
         if not torch.isfinite(vals).all():
             raise InputError(f"the loss is NaN/inf on some {name} examples at theta-hat")
         if self.measurement is not None:
             with torch.no_grad():
-                m = self.measurement(out, y)
-            if m.shape != (x.shape[0],):
+                m = self.measurement(prediction_tensor(raw) if self.builtin_loss else raw, y)
+            if m.shape != (b,):
                 raise InputError(
                     f"the measurement must return one value per example, shape "
-                    f"[{x.shape[0]}], got {tuple(m.shape)}"
+                    f"[{b}], got {tuple(m.shape)}"
                 )
 
     # ------------------------------------------------------------------ functions of theta
@@ -245,22 +277,31 @@ class Objective:
             finally:
                 self._held_eval = False
 
-    def outputs(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Model outputs at a flat ``theta`` (eval mode)."""
+    def outputs(self, theta: torch.Tensor, x: Batch) -> Any:
+        """The model's output at a flat ``theta`` (eval mode), as the model returns it."""
+        params = {**self.frozen, **self.unflatten(theta)}
         if self._held_eval:
-            return functional_call(self.model, {**self.frozen, **self.unflatten(theta)}, (x,))
+            return call_model(self.model, params, x)
         with eval_mode(self.model):
-            return functional_call(self.model, {**self.frozen, **self.unflatten(theta)}, (x,))
+            return call_model(self.model, params, x)
 
-    def losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def predictions(self, theta: torch.Tensor, x: Batch) -> torch.Tensor:
+        """The prediction tensor the losses read (:func:`prediction_tensor` of the outputs)."""
+        return prediction_tensor(self.outputs(theta, x))
+
+    def _loss_input(self, theta: torch.Tensor, x: Batch) -> Any:
+        # built-in losses read the prediction tensor; a callable gets the output as it is
+        return self.predictions(theta, x) if self.builtin_loss else self.outputs(theta, x)
+
+    def losses(self, theta: torch.Tensor, x: Batch, y: torch.Tensor) -> torch.Tensor:
         """Per-example losses ``[B]`` (no regulariser)."""
-        return self.loss_fn(self.outputs(theta, x), y)
+        return self.loss_fn(self._loss_input(theta, x), y)
 
-    def measurements(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def measurements(self, theta: torch.Tensor, x: Batch, y: torch.Tensor) -> torch.Tensor:
         """Per-example test measurement ``[B]`` (the loss unless ``measurement`` was given)."""
         if self.measurement is None:
             return self.losses(theta, x, y)
-        return self.measurement(self.outputs(theta, x), y)
+        return self.measurement(self._loss_input(theta, x), y)
 
     def regularizer(self, theta: torch.Tensor) -> torch.Tensor:
         """``(l2 / 2) * ||theta||^2``."""
@@ -269,7 +310,7 @@ class Objective:
     def risk(
         self,
         theta: torch.Tensor,
-        x: torch.Tensor,
+        x: Batch,
         y: torch.Tensor,
         weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -279,233 +320,112 @@ class Objective:
             vals = vals * weights
         return vals.mean() + self.regularizer(theta)
 
-    # ------------------------------------------------------------------ per-example derivatives
-    def _single(self, which: str) -> Callable:
-        fn = self.losses if which == "loss" else self.measurements
+    # ------------------------------------------------------------------ derivatives (backend)
+    @property
+    def backend(self) -> DerivativesBackend:
+        """The derivatives backend (:mod:`inflens.backends`); selected by :meth:`select_backend`
+        (``Influence.fit`` does it on the first training chunk)."""
+        if self._backend is None:
+            raise InputError(
+                "no derivatives backend selected yet: call objective.select_backend(x, y) on a "
+                "few training examples (Influence.fit does this)"
+            )
+        return self._backend
 
-        def one(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return fn(theta, x.unsqueeze(0), y.unsqueeze(0))[0]
+    def select_backend(self, x: Batch, y: torch.Tensor) -> DerivativesBackend:
+        """Choose the backend once, probing on the batch ``x, y`` (:func:`select_backend`)."""
+        if self._backend is None:
+            with self.evaluating():
+                self._backend = select_backend(self, x, y, self.requested_backend)
+        return self._backend
 
-        return one
-
-    def linear_head(self, x: torch.Tensor, y: torch.Tensor):
-        """The closed-form :class:`~inflens.linear_head.LinearHead` if theta is one top Linear
-        layer on frozen features (probed once on ``x, y``), else ``None``."""
-        if not self.use_linear_head:
-            return None
-        if self._head is None:
-            from .linear_head import probe
-
-            self._head = probe(self, x, y) or False
-        return self._head or None
+    def _ready(self, x: Batch, y: torch.Tensor) -> DerivativesBackend:
+        return self._backend if self._backend is not None else self.select_backend(x, y)
 
     def per_example_grads(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        which: str = "loss",
-        theta: torch.Tensor | None = None,
+        self, x: Batch, y: torch.Tensor, which: str = "loss", theta: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Per-example gradients ``[B, p]`` of the loss (or the measurement), no regulariser.
-
-        Closed form ``e_i phi_i^T`` when theta is a top Linear layer (:mod:`inflens.linear_head`),
-        autograd under ``vmap`` otherwise.
-        """
+        """Per-example gradients ``[B, p]`` of the loss (or the measurement), no regulariser."""
         theta = self.theta if theta is None else theta
-        head = self.linear_head(x, y)
-        if head is not None:
-            return head.per_example_grads(theta, x, y, which)
-        return self._per_example_grads_autograd(x, y, which, theta)
-
-    def _per_example_grads_autograd(
-        self, x: torch.Tensor, y: torch.Tensor, which: str, theta: torch.Tensor
-    ) -> torch.Tensor:
-        f = grad(self._single(which))
-        try:
-            return vmap(f, in_dims=(None, 0, 0))(theta, x, y)
-        except (RuntimeError, NotImplementedError) as exc:
-            raise VmapError(f"{_VMAP_HINT} Original error: {exc}") from exc
+        return self._ready(x, y).per_example_grads(theta, x, y, which)
 
     def mean_grad(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        which: str = "loss",
-        theta: torch.Tensor | None = None,
+        self, x: Batch, y: torch.Tensor, which: str = "loss", theta: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Gradient ``[p]`` of the *sum* over the batch of the loss (or measurement)."""
         theta = self.theta if theta is None else theta
         fn = self.losses if which == "loss" else self.measurements
-        return grad(lambda th: fn(th, x, y).sum())(theta)
+        with math_attention():
+            return grad(lambda th: fn(th, x, y).sum())(theta)
 
     def hvp_sum(
-        self,
-        vecs: torch.Tensor,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        theta: torch.Tensor | None = None,
+        self, vecs: torch.Tensor, x: Batch, y: torch.Tensor, theta: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``sum_{i in batch} Hess_theta loss(z_i) @ v`` for each row ``v`` of ``vecs [k, p]``.
-
-        Pearlmutter's trick, forward-over-reverse: ``jvp(grad(sum loss), v)`` under ``vmap``
-        (reverse-over-reverse autograd for a single vector outside torch.func transforms).
-        No regulariser.
-        """
+        """``sum_{i in batch} Hess_theta loss(z_i) @ v`` for each row ``v`` of ``vecs [k, p]``
+        (no regulariser)."""
         theta = self.theta if theta is None else theta
-        closed = self._head_curvature_product(vecs, x, y, theta)
-        if closed is not None:
-            return closed
-        if vecs.shape[0] == 1 and _plain(vecs, x, theta):
-            return self._hvp_double_backward(vecs[0], x, y, theta).unsqueeze(0)
-        g = grad(lambda th: self.losses(th, x, y).sum())
-
-        def one(v: torch.Tensor) -> torch.Tensor:
-            return jvp(g, (theta,), (v,))[1]
-
-        try:
-            return vmap(one)(vecs)
-        except (RuntimeError, NotImplementedError) as exc:
-            raise VmapError(f"{_VMAP_HINT} Original error: {exc}") from exc
-
-    def head_curvature_factors(
-        self, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor | None = None
-    ) -> tuple[LinearHead, torch.Tensor, torch.Tensor] | None:
-        """``(head, phi, Lambda)`` for the closed-form curvature products of a top Linear layer
-        (:meth:`~inflens.linear_head.LinearHead.output_hessians`), or None when theta is not
-        one (or a torch.func transform is active). A caller making several products at the
-        same theta may keep them (:meth:`inflens.curvature.Curvature.reusing`)."""
-        theta = self.theta if theta is None else theta
-        if not _plain(x, theta):
-            return None
-        head = self.linear_head(x, y)
-        if head is None:
-            return None
-        try:
-            phi, lam = head.output_hessians(theta, x, y)
-        except (ValueError, RuntimeError):
-            return None
-        return head, phi, lam
-
-    def _head_curvature_product(
-        self, vecs: torch.Tensor, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor
-    ) -> torch.Tensor | None:
-        """The closed-form product of a top Linear layer (see :meth:`head_curvature_factors`),
-        or None."""
-        if not _plain(vecs):
-            return None
-        factors = self.head_curvature_factors(x, y, theta)
-        if factors is None:
-            return None
-        head, phi, lam = factors
-        return head.curvature_product(vecs.to(self.dtype), phi, lam)
-
-    def _hvp_double_backward(
-        self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor
-    ) -> torch.Tensor:
-        """One HVP by reverse-over-reverse autograd: for a single vector this avoids the
-        per-call overhead of forward-mode decompositions (several times faster on batch-1
-        LiSSA steps)."""
-        th = theta.detach().requires_grad_(True)
-        with torch.enable_grad():
-            total = self.losses(th, x, y).sum()
-            (g,) = torch.autograd.grad(total, th, create_graph=True)
-            if not g.requires_grad:  # piecewise-linear loss (hinge): zero Hessian
-                return torch.zeros_like(v)
-            (hv,) = torch.autograd.grad(g, th, grad_outputs=v, allow_unused=True)
-        return torch.zeros_like(v) if hv is None else hv.detach()
+        return self._ready(x, y).hvp_sum(vecs, theta, x, y)
 
     def ggn_sum(
-        self,
-        vecs: torch.Tensor,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        theta: torch.Tensor | None = None,
+        self, vecs: torch.Tensor, x: Batch, y: torch.Tensor, theta: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``sum_{i in batch} J_i^T Lambda_i J_i v`` (generalized Gauss-Newton) for rows of ``vecs``.
-
-        ``J_i = d f(x_i) / d theta`` is the Jacobian of the model outputs and ``Lambda_i`` the
-        Hessian of the loss with respect to the outputs. Computed as a forward-mode JVP of the
-        outputs, an output-space Hessian-vector product of the loss, and a VJP back. Positive
-        semi-definite whenever the loss is convex in the outputs (all built-in losses). No
-        regulariser (its Hessian ``l2 I`` is exact and added by the curvature operator).
-        """
+        """``sum_{i in batch} J_i^T Lambda_i J_i v`` (generalized Gauss-Newton; ``J_i`` the
+        Jacobian of the prediction tensor, ``Lambda_i`` the Hessian of the loss in it) for each
+        row of ``vecs``. Positive semi-definite for every loss convex in the outputs."""
         theta = self.theta if theta is None else theta
-        closed = self._head_curvature_product(vecs, x, y, theta)
-        if closed is not None:  # outputs linear in theta: the GGN is the Hessian
-            return closed
-        fwd = lambda th: self.outputs(th, x)  # noqa: E731
-        out, pull = vjp(fwd, theta)
-        out = out.detach()
-        dloss = grad(lambda o: self.loss_fn(o, y).sum())
-
-        def one(v: torch.Tensor) -> torch.Tensor:
-            jv = jvp(fwd, (theta,), (v,))[1]
-            hjv = jvp(dloss, (out,), (jv,))[1]
-            return pull(hjv)[0]
-
-        if vecs.shape[0] == 1:
-            return one(vecs[0]).unsqueeze(0)
-        try:
-            return vmap(one)(vecs)
-        except (RuntimeError, NotImplementedError) as exc:
-            raise VmapError(f"{_VMAP_HINT} Original error: {exc}") from exc
+        self._require_tensor_loss("the Gauss-Newton matrix")
+        return self._ready(x, y).ggn_sum(vecs, theta, x, y)
 
     def ggn_dense_sum(
-        self, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor | None = None
+        self, x: Batch, y: torch.Tensor, theta: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``[p, p]``: ``sum_{i in batch} J_i^T Lambda_i J_i`` formed explicitly.
-
-        Per-example output Jacobians ``J_i [C, p]`` (reverse mode under ``vmap``, ``C``
-        outputs per example) and output Hessians ``Lambda_i [C, C]``, then one
-        ``[B C, p]^T x [B C, p]`` product: ``C`` backward passes instead of the ``p``
-        Gauss-Newton-vector products a column-by-column build needs. Memory ``O(B C p)``.
-        """
+        """``[p, p]``: ``sum_{i in batch} J_i^T Lambda_i J_i`` formed explicitly."""
         theta = self.theta if theta is None else theta
+        self._require_tensor_loss("the Gauss-Newton matrix")
+        return self._ready(x, y).ggn_dense_sum(theta, x, y)
 
-        def f1(th: torch.Tensor, xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out = self.outputs(th, xi.unsqueeze(0))[0]
-            return out.reshape(-1), out  # the outputs ride along as aux: no second forward
-
-        try:
-            jac, outs = vmap(jacrev(f1, has_aux=True), in_dims=(None, 0))(theta, x)  # [B, C, p]
-            lam = output_hessians(self.loss_fn, outs.detach(), y)  # [B, C, C]
-        except (RuntimeError, NotImplementedError) as exc:
-            raise VmapError(f"{_VMAP_HINT} Original error: {exc}") from exc
-        lj = torch.einsum("bcd,bdp->bcp", lam, jac)
-        return jac.reshape(-1, jac.shape[-1]).T @ lj.reshape(-1, lj.shape[-1])
+    def _require_tensor_loss(self, what: str) -> None:
+        if not self.builtin_loss and self._structured_output:
+            raise InputError(
+                f"{what} needs a loss of the prediction tensor, but this model returns a "
+                "structured output and the loss is a callable of it; pass a loss of the logits "
+                "(e.g. a built-in name) or use curvature='hessian'"
+            )
 
     def loss_jvp(
-        self,
-        vecs: torch.Tensor,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        theta: torch.Tensor | None = None,
+        self, vecs: torch.Tensor, x: Batch, y: torch.Tensor, theta: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``[k, B]`` directional derivatives ``grad_theta loss(z_i) . v`` (forward mode, no reg).
-
-        Closed form when theta is a top Linear layer (:mod:`inflens.linear_head`).
-        """
+        """``[k, B]`` directional derivatives ``grad_theta loss(z_i) . v`` (forward mode)."""
         theta = self.theta if theta is None else theta
-        head = self.linear_head(x, y)
-        if head is not None:
-            return head.loss_jvp(vecs, theta, x, y)
+        backend = self._ready(x, y)
+        if (
+            vecs.shape[0] == 1
+            and not backend.closed_form_scoring
+            and isinstance(x, torch.Tensor)
+            and is_plain(vecs, x, theta)
+        ):
+            try:  # one dual pass with fused convolution tangents (inflens.forward_mode)
+                return directional_derivative(
+                    lambda th: self.losses(th, x, y), theta, vecs[0]
+                ).unsqueeze(0)
+            except (RuntimeError, NotImplementedError):
+                pass  # an op without a forward-AD rule on dual tensors: torch.func below
+        return backend.loss_jvp(vecs, theta, x, y)
 
-        def one(v: torch.Tensor) -> torch.Tensor:
-            return jvp(lambda th: self.losses(th, x, y), (theta,), (v,))[1]
-
-        if vecs.shape[0] == 1:
-            if _plain(vecs, x, theta):
-                try:  # one dual pass with fused convolution tangents (inflens.forward_mode)
-                    return directional_derivative(
-                        lambda th: self.losses(th, x, y), theta, vecs[0]
-                    ).unsqueeze(0)
-                except (RuntimeError, NotImplementedError):
-                    pass  # an op without a forward-AD rule on dual tensors: torch.func below
-            return one(vecs[0]).unsqueeze(0)
-        try:
-            return vmap(one)(vecs)
-        except (RuntimeError, NotImplementedError) as exc:
-            raise VmapError(f"{_VMAP_HINT} Original error: {exc}") from exc
+    def token_loss_jvp(
+        self, vecs: torch.Tensor, x: Batch, y: torch.Tensor, theta: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[k, B, T]``: directional derivatives of the per-token terms of a sequence loss
+        (``"causal_lm"``: ``l_it / N_i``, zero where not counted) along each row of ``vecs``;
+        summed over ``T`` they are :meth:`loss_jvp`."""
+        token_fn = TOKEN_LOSSES.get(self.loss_name) if self.builtin_loss else None
+        if token_fn is None:
+            raise InputError(
+                f"per-token influence needs a sequence loss ({', '.join(TOKEN_LOSSES)}), "
+                f"this objective's loss is {self.loss_name!r}"
+            )
+        theta = self.theta if theta is None else theta
+        return self._ready(x, y).token_jvp(vecs, theta, x, y, token_fn)
 
     def input_grad_of_loss_jvp(
         self, vec: torch.Tensor, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor | None = None
@@ -515,12 +435,7 @@ class Objective:
         With ``v = H^-1 grad L(z_test)`` this is ``-I_pert,loss(z_i, z_test)`` (eq. 5).
         """
         theta = self.theta if theta is None else theta
-        one_loss = self._single("loss")
+        return self._ready(x, y).input_grad_of_loss_jvp(vec, theta, x, y)
 
-        def dir_deriv(xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-            return jvp(lambda th: one_loss(th, xi, yi), (theta,), (vec,))[1]
 
-        try:
-            return vmap(grad(dir_deriv), in_dims=(0, 0))(x, y)
-        except (RuntimeError, NotImplementedError) as exc:
-            raise VmapError(f"{_VMAP_HINT} Original error: {exc}") from exc
+__all__ = ["Objective", "call_model", "eval_mode", "index_batch", "prediction_tensor"]

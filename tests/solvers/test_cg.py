@@ -20,7 +20,7 @@ DT = torch.float64
 def _curv(case: Fitted, damping: float = 0.0, dtype=DT) -> Curvature:
     c = case.case
     model = case.fresh_model().to(dtype)
-    obj = inflens.Objective(model, c.loss, l2=c.l2, params=c.params, t=c.t)
+    obj = inflens.Objective(model, c.loss, l2=c.l2, params=c.params, t=c.t, backend=case.backend)
     return Curvature(obj, Data((case.x.to(dtype), case.y)), damping, progress=False)
 
 
@@ -49,7 +49,7 @@ def test_cg_one_vector_and_influence_agree_with_exact() -> None:
     test = (case.xt, case.yt)
     out = {}
     for name, solver in (("exact", "exact"), ("cg", CG(tol=1e-12))):
-        obj = inflens.Objective(case.fresh_model(), c.loss, l2=c.l2)
+        obj = inflens.Objective(case.fresh_model(), c.loss, l2=c.l2, backend=case.backend)
         inf = inflens.Influence(obj, (case.x, case.y), solver=solver, progress=False).fit()
         out[name] = (
             inf.loss_influence(test),
@@ -154,7 +154,7 @@ def test_pcg_by_name_is_cg_with_kfac_and_round_trips(tmp_path) -> None:
 
     case = fitted("logreg_multiclass")
     c = case.case
-    obj = inflens.Objective(case.fresh_model(), c.loss, l2=c.l2)
+    obj = inflens.Objective(case.fresh_model(), c.loss, l2=c.l2, backend=case.backend)
     inf = inflens.Influence(obj, (case.x, case.y), solver="pcg", progress=False).fit()
     assert isinstance(inf.solver, PCG) and isinstance(inf.solver.preconditioner, KFAC)
     got = inf.loss_influence((case.xt, case.yt))

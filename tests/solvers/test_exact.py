@@ -17,7 +17,9 @@ DT = torch.float64
 
 def _curv(case: Fitted, damping: float = 0.0) -> Curvature:
     c = case.case
-    obj = inflens.Objective(case.fresh_model(), c.loss, l2=c.l2, params=c.params, t=c.t)
+    obj = inflens.Objective(
+        case.fresh_model(), c.loss, l2=c.l2, params=c.params, t=c.t, backend=case.backend
+    )
     return Curvature(obj, Data((case.x, case.y)), damping, progress=False)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from cases import DT, MLP, Reference, fitted, rel_err
+from inflens.backends import VmapBackend
 from inflens import InflensWarning, Influence, InputError, Objective
 from inflens.solvers import EKFAC, KFAC, Arnoldi
 
@@ -185,7 +186,7 @@ def test_kfac_equals_the_independent_kronecker_matrix(problem) -> None:
     assert rel_err(inf.solver.solve(rhs), torch.linalg.solve(m, rhs.T).T) < 1e-9
     assert rel_err(inf.solver.dense(), m) < 1e-9
     # self-influence: -g_i^T M^-1 (g_i + l2 theta), one explicit solve per point here
-    g = obj._per_example_grads_autograd(x, y, "loss", obj.theta)
+    g = VmapBackend(obj).per_example_grads(obj.theta, x, y)
     want = -(g * torch.linalg.solve(m, (g + obj.l2 * obj.theta).T).T).sum(1)
     assert rel_err(inf.self_influence(), want) < 1e-9
 
