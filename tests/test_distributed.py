@@ -40,6 +40,7 @@ _WORKER = textwrap.dedent(
     from safetensors.torch import save_file
     sys.path.insert(0, sys.argv[2])
     from test_distributed import _problem
+    from inflens import Objective
     from inflens.distributed import DistributedInfluence, init
     from inflens.solvers import CG
 
@@ -47,6 +48,7 @@ _WORKER = textwrap.dedent(
     out = sys.argv[1]
     rank, world = init()
     obj, train, test = _problem()
+    obj = Objective(obj.model, "cross_entropy", l2=0.05, backend="vmap")  # products: hvp_sum
     seen = []
     hvp = obj.hvp_sum
     obj.hvp_sum = lambda v, x, y, theta=None: (seen.append(int(x.shape[0])), hvp(v, x, y))[1]

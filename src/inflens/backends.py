@@ -34,7 +34,7 @@ import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from .data import Batch, index_batch, unsqueeze_batch
-from .errors import InputError, MemoryBudgetError, VmapError
+from .errors import InputError, VmapError
 from .linear_head import find_linear_head
 from .losses import output_hessians
 
@@ -259,6 +259,12 @@ class DerivativesBackend:
         """Examples per scoring chunk for ``k`` vectors."""
         return default
 
+    def chunk_bytes(self, b: int, p: int, itemsize: int, activations: int) -> float:
+        """Estimated peak memory of one derivative pass over ``b`` examples (per-example
+        gradients ``[b, p]`` and their temporaries, ``activations`` bytes saved per example
+        for the backward pass, vectorised)."""
+        return b * (3 * p * itemsize + 3 * activations)
+
     # ------------------------------------------------------------------ helpers
     def _per_example_fn(self, which: str) -> Callable:
         return self.obj.losses if which == "loss" else self.obj.measurements
@@ -301,6 +307,10 @@ class JacobianBackend(DerivativesBackend):
     docstring)."""
 
     name = "jacobian"
+
+    def chunk_bytes(self, b: int, p: int, itemsize: int, activations: int) -> float:
+        # each of the b cotangents is pulled back through the whole batch's graph
+        return b * 3 * p * itemsize + b * b * 2 * activations + b * activations
 
     def per_example_grads(
         self, theta: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
@@ -479,12 +489,3 @@ def _probe_linear_head(objective: Any, x: Batch, y: torch.Tensor) -> tuple[Any, 
     if closed.shape != auto.shape or float((closed - auto).abs().max()) > 1e3 * eps * scale:
         return None, "the closed form does not reproduce autograd (a frozen part depends on theta?)"
     return head, ""
-
-
-def check_budget(nbytes: float, budget_bytes: float, what: str, fix: str) -> None:
-    """Raise :class:`MemoryBudgetError` before allocating ``nbytes`` over ``budget_bytes``."""
-    if nbytes > budget_bytes:
-        raise MemoryBudgetError(
-            f"{what} needs about {nbytes / 2**30:.2f} GiB, more than the memory budget of "
-            f"{budget_bytes / 2**30:.2f} GiB (Influence(max_memory_gb=...)); {fix}"
-        )

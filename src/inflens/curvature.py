@@ -15,8 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .backends import is_plain
-from .data import Data, batch_len, index_batch
+from .data import Data, batch_len, index_batch, to_device
 from .errors import InputError
+from .memory import default_budget_bytes, fit_chunk, saved_activation_bytes
 from .objective import Objective
 
 #: largest automatic chunk on a CPU: bigger chunks fall out of the caches and run slower
@@ -74,6 +75,7 @@ class Curvature:
         chunk_size: int | None = None,
         progress: bool = True,
         curvature: str = "hessian",
+        budget_bytes: int | None = None,
     ) -> None:
         if not (float(damping) >= 0.0):
             raise InputError(f"damping must be a non-negative number, got {damping}")
@@ -85,14 +87,38 @@ class Curvature:
         self.p = objective.p
         self.dtype = objective.dtype
         self.device = objective.device
-        cap = CPU_CHUNK_CAP if torch.device(self.device).type == "cpu" else None
-        self.chunk_size = chunk_size or auto_chunk_size(
-            self.n, self.p, torch.finfo(self.dtype).bits // 8, cap=cap
-        )
+        #: the memory budget (bytes) of one computation (:mod:`inflens.memory`)
+        self.budget_bytes = int(budget_bytes) if budget_bytes else default_budget_bytes()
         self.progress = progress
+        self.chunk_size = chunk_size or self._auto_chunk_size()
         self.num_matvecs = 0
         self._reuse: dict | None = None  # per-chunk cache, only inside reusing()
         self._reuse_left = 0
+
+    def _auto_chunk_size(self) -> int:
+        """The largest chunk whose per-example gradients ``[chunk, p]`` fit 128 MiB (at most
+        :data:`CPU_CHUNK_CAP` on a CPU) and whose derivative computation (the backend's
+        estimate from the measured activations of one example) fits a quarter of the budget."""
+        itemsize = torch.finfo(self.dtype).bits // 8
+        cap = CPU_CHUNK_CAP if torch.device(self.device).type == "cpu" else None
+        size = auto_chunk_size(self.n, self.p, itemsize, cap=cap)
+        if self.n == 0:
+            return size
+        obj = self.objective
+        x, y = self.data.get(torch.arange(1))
+        x, y = obj.prepare(x, y, self.data.name)
+        th = obj.theta.detach().requires_grad_(True)
+        with obj.evaluating():
+            act = saved_activation_bytes(lambda: obj.losses(th, x, y).sum())
+        backend = self.backend
+        return fit_chunk(
+            lambda b: backend.chunk_bytes(b, self.p, itemsize, act),
+            self.budget_bytes / 4,
+            size,
+            f"a {backend.name} derivative pass",
+            "raise max_memory_gb, select fewer parameters (Objective(params=...)), or use "
+            "shorter sequences",
+        )
 
     @property
     def backend(self):
@@ -126,10 +152,7 @@ class Curvature:
             x, y = (
                 self.objective.prepare(x, y, self.data.name, start)
                 if check
-                else (
-                    x.to(self.device),
-                    y.to(self.device),
-                )
+                else (to_device(x, self.device), y.to(self.device))
             )
             yield start, x, y
 
@@ -142,6 +165,7 @@ class Curvature:
             for start, x, y in self.chunks(desc):
                 cached = self._cached_head_product(start, v, x, y)
                 out += self.sum_product(v, x, y) if cached is None else cached
+        self.all_reduce(out)  # the other ranks' shards (inflens.distributed); else a no-op
         out = out / self.n + self.shift * v
         self.num_matvecs += v.shape[0]
         return out[0] if single else out

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .curvature import Curvature
-from .data import Data
+from .data import Data, to_device
 from .errors import InputError
 from .influence import Influence
 from .objective import Objective
@@ -111,8 +111,9 @@ class DistributedCurvature(Curvature):
         chunk_size: int | None = None,
         progress: bool = True,
         group: dist.ProcessGroup | None = None,
+        budget_bytes: int | None = None,
     ) -> None:
-        super().__init__(objective, data, damping, chunk_size, progress)
+        super().__init__(objective, data, damping, chunk_size, progress, budget_bytes=budget_bytes)
         self.group = group
         if dist.is_available() and dist.is_initialized():
             self.rank = dist.get_rank(group)
@@ -136,25 +137,13 @@ class DistributedCurvature(Curvature):
         if self.shard is None:
             return
         for start, x, y in self.shard.chunks(chunk_size or self.chunk_size):
-            yield self.lo + start, x.to(self.device), y.to(self.device)
+            yield self.lo + start, to_device(x, self.device), y.to(self.device)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks in place (no-op for one process)."""
         if self.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
-
-    def matvec(self, vecs: torch.Tensor, desc: str | None = None) -> torch.Tensor:
-        """``A @ v`` over the full data: shard HVP sums all-reduced, then ``/ n + shift * v``."""
-        single = vecs.ndim == 1
-        v = vecs.reshape(-1, self.p).to(self.dtype)
-        out = torch.zeros_like(v)
-        for _, x, y in self.chunks(desc):
-            out += self.sum_product(v, x, y)
-        self.all_reduce(out)
-        out = out / self.n + self.shift * v
-        self.num_matvecs += v.shape[0]
-        return out[0] if single else out
 
 
 class DistributedInfluence(Influence):

@@ -28,6 +28,7 @@ from .curvature import Curvature, check_curvature
 from .data import Data, DataLike, index_batch
 from .errors import InflensWarning, InputError, NotFittedError
 from .losses import IGNORE_INDEX
+from .memory import budget_bytes
 from .objective import Objective
 from .solvers import Solver, make_solver
 
@@ -57,6 +58,11 @@ class Influence:
             (positive semi-definite, the usual choice for non-convex models) in place of each
             ``Hess loss(z_i)`` in ``H``, for every matrix-free solver (Exact, CG, LiSSA,
             Arnoldi). K-FAC and EK-FAC always approximate the GGN.
+        max_memory_gb: the memory budget of every computation that grows with ``n``, ``p``,
+            the sequence length or the vocabulary (``None``: half of the memory this process
+            may use, :func:`inflens.memory.default_budget_bytes`). Chunk sizes are derived from
+            it; what cannot fit raises :class:`~inflens.errors.MemoryBudgetError` before
+            allocating.
 
     Example:
         >>> inf = Influence(obj, (X, y), solver="exact").fit()
@@ -76,6 +82,7 @@ class Influence:
         progress: bool = True,
         scoring: str = "auto",
         curvature: str = "hessian",
+        max_memory_gb: float | None = None,
     ) -> None:
         if not isinstance(objective, Objective):
             raise InputError(
@@ -95,25 +102,33 @@ class Influence:
         self.progress = progress
         self.scoring = scoring
         self.curvature = check_curvature(curvature)
+        if max_memory_gb is not None and not float(max_memory_gb) > 0:
+            raise InputError(f"max_memory_gb must be a positive number, got {max_memory_gb}")
+        self.max_memory_gb = max_memory_gb
+        #: the memory budget of every computation (:mod:`inflens.memory`)
+        self.budget_bytes = budget_bytes(max_memory_gb)
         self.curvature_: Curvature | None = None
 
     # ------------------------------------------------------------------ fitting
     def fit(self) -> Influence:
         """Check the training data against the model and prepare the solver; returns self."""
         obj = self.objective
-        curv = self.curvature_class(obj, self.train, self.damping, self.batch_size, self.progress)
+        x0, y0 = self.train.get(torch.arange(min(len(self.train), 16)))
+        x0, y0 = obj.prepare(x0, y0, "training data")
+        obj.check_batch(x0, y0, "training data")
+        obj.select_backend(x0, y0)  # once, before any pass over the data
+        curv = self.curvature_class(
+            obj, self.train, self.damping, self.batch_size, self.progress,
+            budget_bytes=self.budget_bytes,
+        )  # fmt: skip
         curv.curvature = self.curvature  # set after construction: subclasses keep their signature
         self.__dict__.pop("scoring_costs_", None)  # re-measured on the next auto scoring pass
         n_classes = None
+        if obj.builtin_loss and obj.loss_name in _CLASSIFICATION:
+            with torch.no_grad():
+                n_classes = obj.predictions(obj.theta, index_batch(x0, slice(0, 1))).shape[1]
         seen: set[int] = set()  # binary label values over all chunks (to refuse a 0/-1 mix)
-        for start, x, y in curv.chunks(desc="Checking data", check=True):
-            if start == 0:
-                head = index_batch(x, slice(0, 16))
-                obj.check_batch(head, y[:16], "training data")
-                obj.select_backend(head, y[:16])
-                if obj.builtin_loss and obj.loss_name in _CLASSIFICATION:
-                    with torch.no_grad():
-                        n_classes = obj.predictions(obj.theta, index_batch(x, slice(0, 1))).shape[1]
+        for start, _x, y in curv.chunks(desc="Checking data", check=True):
             if obj.builtin_loss:
                 self._check_labels(y, n_classes, start, "training", seen)
         self.n_classes_ = n_classes
@@ -381,6 +396,43 @@ class Influence:
                 gt = g + obj.l2 * obj.theta if include_l2_gradient else g
                 out.append(-self.solver.inner(g, gt))
         return torch.cat(out)
+
+    def token_influence(
+        self, test: DataLike, indices: Indices, side: str = "train"
+    ) -> torch.Tensor:
+        """Per-token terms of ``I_up,loss`` for a sequence loss (``"causal_lm"``).
+
+        ``side="train"`` (``[n_test, k, T]``): term ``t`` of training sequence ``i``'s
+        ``loss_influence``, ``-grad L(z_test)^T H^-1 (grad l_it / N_i + l2 theta / N_i)`` for
+        each counted label position ``t`` (the ``l2 theta`` part of the training-side gradient
+        is shared equally by the ``N_i`` counted tokens), exactly 0 at position 0, at
+        ``-100`` labels and at padding. Summed over ``t`` it is ``loss_influence[j, i]``;
+        negative = that token makes the sequence helpful for the test loss.
+
+        ``side="test"`` (``[n_test, k, T_test]``): which test tokens training sequence ``i``
+        affects, ``-(grad l_test,t / N_test)^T H^-1 (grad L(z_i) + l2 theta)``; also sums over
+        ``t`` to ``loss_influence[j, i]``. Costs one solve per training sequence ``i``.
+        """
+        if side not in ("train", "test"):
+            raise InputError(f"side must be 'train' or 'test', got {side!r}")
+        self._fitted()
+        obj = self.objective
+        if side == "test":
+            v = self.solver.solve(self.train_gradients(indices))  # [k, p]: H^-1 g_i
+            data = self._test_data(test)
+            x, y = data.get(torch.arange(len(data)))
+            x, y = self._prep_test(data, 0, x, y)
+            with obj.evaluating():
+                return -obj.token_loss_jvp(v, x, y).transpose(0, 1)
+        s = self.s_test(test)  # [m, p]
+        reg = obj.l2 * (s @ obj.theta)  # [m]
+        x, y = self._get_train(indices)
+        with obj.evaluating():
+            terms = obj.token_loss_jvp(s, x, y)  # [m, k, T]
+        counted = torch.zeros_like(y, dtype=s.dtype)
+        counted[:, 1:] = (y[:, 1:] != IGNORE_INDEX).to(s.dtype)
+        share = counted / counted.sum(1, keepdim=True).clamp_min(1)  # 1 / N_i where counted
+        return -(terms + reg[:, None, None] * share[None])
 
     def input_influence(self, test: DataLike, indices: Indices) -> torch.Tensor:
         """``I_pert,loss(z_i, z_test) = -grad L(z_test)^T H^-1 grad_x grad_theta loss(z_i)`` (eq. 5).

@@ -193,6 +193,33 @@ def output_hessian_factor(
     return u.permute(1, 0, 2)
 
 
+def sampled_token_factor(
+    outputs: torch.Tensor, targets: torch.Tensor, samples: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``[samples, B, T, V]`` Monte-Carlo factor columns of the ``"causal_lm"`` output Hessian.
+
+    The Hessian of ``l_it / N_i`` in the logits at ``t - 1`` is ``(diag p - p p^T) / N_i``
+    (``p`` the predicted distribution there) and different positions do not mix. With a label
+    ``y^ ~ p`` drawn independently at every counted position, ``u = (e_y^ - p) / sqrt(N_i)``
+    has ``E[u u^T] = (diag p - p p^T) / N_i`` at each position and ``E[u_t u_s^T] = 0``
+    across positions: an unbiased estimate of the whole block-diagonal output Hessian from one
+    vector per sample (the "true Fisher" of the predictive distribution), where the exact
+    factorisation would need ``V`` vectors per position. Divided by ``sqrt(samples)``.
+    """
+    logits = outputs[:, :-1].detach()
+    labels = targets[:, 1:]
+    keep = (labels != IGNORE_INDEX).to(logits.dtype)
+    count = keep.sum(1).clamp_min(1)
+    p = torch.softmax(logits, dim=-1)
+    b, t, v = p.shape
+    flat = p.reshape(-1, v).to("cpu", torch.float64)
+    draws = torch.multinomial(flat, samples, replacement=True, generator=generator)  # [BT, s]
+    onehot = F.one_hot(draws.T.reshape(samples, b, t).to(p.device), v).to(p.dtype)
+    u = (onehot - p[None]) * (keep / count[:, None]).sqrt()[None, :, :, None]
+    u = u / samples**0.5
+    return torch.cat([u, u.new_zeros(samples, b, 1, v)], 2)  # the last logits predict nothing
+
+
 def resolve_loss(loss: str | LossFn, t: float | None = None) -> tuple[str, LossFn]:
     """Return ``(name, fn)`` for a built-in loss name or a user callable."""
     if callable(loss):

@@ -56,11 +56,13 @@ class Exact(Solver):
         p = curvature.p
         itemsize = torch.finfo(curvature.dtype).bits // 8
         need = 3 * p * p * itemsize / 2**30
-        if need > self.max_memory_gb:
+        limit = min(self.max_memory_gb, getattr(curvature, "budget_bytes", 2**62) / 2**30)
+        if need > limit:
             raise MemoryBudgetError(
                 f"the exact solver needs about {need:.1f} GiB for a {p}x{p} Hessian, more than "
-                f"max_memory_gb={self.max_memory_gb}; use solver='cg' or 'lissa' (matrix-free), "
-                "or raise Exact(max_memory_gb=...)"
+                f"its limit of {limit:.2f} GiB (Exact(max_memory_gb={self.max_memory_gb}), "
+                "Influence(max_memory_gb=...)); use solver='cg', 'arnoldi' or 'ekfac' "
+                "(matrix-free or factored), or raise the limit"
             )
         # only a successful fit marks the solver as fitted (a refused Hessian must not leave a
         # half-fitted solver whose solve() fails with an AttributeError)

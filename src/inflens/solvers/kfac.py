@@ -31,11 +31,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import jacrev, vmap
+from torch.func import jacrev
 
+from ..backends import math_attention
 from ..curvature import Curvature
-from ..errors import InflensWarning, InputError, NotFittedError
-from ..losses import output_hessian_factor, output_hessians
+from ..data import to_device
+from ..errors import InflensWarning, InputError, MemoryBudgetError, NotFittedError
+from ..losses import output_hessian_factor, output_hessians, sampled_token_factor
 from ..objective import Objective
 from .base import Solver
 
@@ -55,9 +57,26 @@ def _conv_padding(m: nn.Conv2d) -> tuple[int, int] | None:
     return (int(m.padding[0]), int(m.padding[1]))
 
 
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` stored ``[in, out]``."""
+    return (
+        type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+    )
+
+
 def _supported(m: nn.Module) -> str | None:
-    """Why ``m`` cannot be Kronecker-factored (None when it can)."""
-    if type(m) is nn.Linear:
+    """Why ``m`` cannot be Kronecker-factored (None when it can).
+
+    ``nn.Linear`` subclasses are accepted (e.g. ``MultiheadAttention.out_proj``); a subclass
+    whose ``forward`` is not ``x W^T + b``, or a layer called other than once per forward pass
+    (``out_proj`` is applied by ``MultiheadAttention`` without calling it), is caught by
+    :meth:`KFAC._verify` and gets the exact diagonal.
+    """
+    if isinstance(m, nn.Linear) or _is_hf_conv1d(m):
+        return None
+    if isinstance(m, nn.Embedding):
+        if m.max_norm is not None:
+            return "an Embedding with max_norm (renormalised in place)"
         return None
     if type(m) is nn.Conv2d:
         if m.groups != 1:
@@ -94,20 +113,34 @@ class _Layer:
         self.b: tuple[int, int] | None = kw.get("b")
         self.out: int = kw["out"]
         self.din: int = kw["din"]  # weight columns (in_features or C_in*kh*kw), 0 if no weight
+        #: the weight is stored ``[in, out]`` (Hugging Face Conv1D; an Embedding's ``[V, d]``)
+        self.transposed: bool = bool(kw.get("transposed", False))
+        #: an Embedding's padding index (its row gets no gradient), else None
+        self.padding_idx: int | None = kw.get("padding_idx")
+
+    @property
+    def diagonal_a(self) -> bool:
+        """The input factor is diagonal (an Embedding: one-hot inputs), kept as a vector."""
+        return self.kind == "embedding"
 
     @property
     def dim_a(self) -> int:
         return self.din + (1 if self.b is not None else 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("name", "kind", "w", "b", "out", "din")}
+        keys = ("name", "kind", "w", "b", "out", "din", "transposed", "padding_idx")
+        return {k: getattr(self, k) for k in keys}
 
     def gather(self, vecs: torch.Tensor) -> torch.Tensor:
         """``[k, p] -> [k, out, in']``: the rows of ``vecs`` as ``W~ = [W | b]``."""
         k = vecs.shape[0]
         parts = []
         if self.w is not None:
-            parts.append(vecs[:, self.w[0] : self.w[1]].reshape(k, self.out, self.din))
+            w = vecs[:, self.w[0] : self.w[1]]
+            if self.transposed:
+                parts.append(w.reshape(k, self.din, self.out).transpose(1, 2))
+            else:
+                parts.append(w.reshape(k, self.out, self.din))
         if self.b is not None:
             parts.append(vecs[:, self.b[0] : self.b[1]].reshape(k, self.out, 1))
         return torch.cat(parts, 2)
@@ -116,7 +149,10 @@ class _Layer:
         """Write ``[k, out, in']`` back into the layer's slices of ``out [k, p]``."""
         k = mats.shape[0]
         if self.w is not None:
-            out[:, self.w[0] : self.w[1]] = mats[:, :, : self.din].reshape(k, -1)
+            w = mats[:, :, : self.din]
+            out[:, self.w[0] : self.w[1]] = (w.transpose(1, 2) if self.transposed else w).reshape(
+                k, -1
+            )
         if self.b is not None:
             out[:, self.b[0] : self.b[1]] = mats[:, :, -1]
 
@@ -143,14 +179,23 @@ def _find_layers(obj: Objective) -> tuple[list[_Layer], dict[str, str], list[str
             continue
         w = offsets.get(pre + "weight")
         b = offsets.get(pre + "bias")
+        extra: dict[str, Any] = {}
         if isinstance(m, nn.Linear):
             kind, out, din = "linear", m.out_features, m.in_features
+        elif _is_hf_conv1d(m):
+            kind, out, din = "hf_conv1d", int(m.nf), int(m.weight.shape[0])
+            extra["transposed"] = True
+        elif isinstance(m, nn.Embedding):
+            kind, out, din = "embedding", m.embedding_dim, m.num_embeddings
+            extra.update(transposed=True, padding_idx=m.padding_idx)
         else:
             assert isinstance(m, nn.Conv2d)
             kind = "conv2d"
             out = m.out_channels
             din = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-        layers.append(_Layer(name=mname, kind=kind, w=w, b=b, out=out, din=din if w else 0))
+        layers.append(
+            _Layer(name=mname, kind=kind, w=w, b=b, out=out, din=din if w else 0, **extra)
+        )
         covered.update(sel)
     rest = [n for n in obj.names if n not in covered]
     return layers, reasons, rest
@@ -254,7 +299,10 @@ class KFAC(Solver):
         self.evals_s_: list[torch.Tensor] = []
         self.evecs_s_: list[torch.Tensor] = []
         for a, s in zip(a_fac, s_fac):
-            la, qa = torch.linalg.eigh(a)
+            if a.ndim == 1:  # a diagonal factor: eigenvalues as they are, eigenbasis the identity
+                la, qa = a, a.new_zeros(0)
+            else:
+                la, qa = torch.linalg.eigh(a)
             ls, qs = torch.linalg.eigh(s)
             # the factors are PSD; round-off can leave tiny negative eigenvalues
             self.evals_a_.append(la.clamp_min(0))
@@ -310,8 +358,15 @@ class KFAC(Solver):
 
     @staticmethod
     def _activations(lay: _Layer, m: nn.Module, a: torch.Tensor) -> torch.Tensor:
-        """``[B, T, in']``: the inputs of the layer at each of its ``T`` locations (+ a 1)."""
+        """``[B, T, in']``: the inputs of the layer at each of its ``T`` locations (+ a 1); for
+        an Embedding the token ids ``[B, T]`` (its one-hot inputs are never formed), ``-1``
+        where the id is the padding index (which gets no gradient)."""
         a = a.detach()
+        if lay.kind == "embedding":
+            ids = a.reshape(a.shape[0], -1)
+            if lay.padding_idx is not None:
+                ids = torch.where(ids == lay.padding_idx, torch.full_like(ids, -1), ids)
+            return ids
         if lay.kind == "conv2d":
             assert isinstance(m, nn.Conv2d)
             pad = _conv_padding(m)
@@ -326,6 +381,16 @@ class KFAC(Solver):
         return a
 
     @staticmethod
+    def _onehot_sum(ids: torch.Tensor, g: torch.Tensor, vocab: int) -> torch.Tensor:
+        """``[B, out, V]``: ``sum_t g_t e_{id_t}^T`` per example (an Embedding's gradient in
+        ``W~ = W^T`` layout) without forming the one-hot inputs; ids ``-1`` contribute 0."""
+        b, t, o = g.shape
+        valid = (ids >= 0).to(g.dtype)[..., None]
+        out = g.new_zeros(b, vocab, o)
+        out.scatter_add_(1, ids.clamp_min(0)[..., None].expand(b, t, o), g * valid)
+        return out.transpose(1, 2)
+
+    @staticmethod
     def _out_grads(lay: _Layer, g: torch.Tensor) -> torch.Tensor:
         """``[B, T, out]`` from the gradient with respect to the layer output."""
         if lay.kind == "conv2d":
@@ -334,12 +399,25 @@ class KFAC(Solver):
 
     def _factor_columns(self, obj: Objective, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``[m, B, *out_shape]``: vectors ``u`` with ``Lambda_i = sum_c u_ic u_ic^T`` (type-2),
-        or the actual loss gradient (empirical Fisher, ``m = 1``)."""
+        or the actual loss gradient (empirical Fisher, ``m = 1``). For ``"causal_lm"`` the
+        output Hessian is block-diagonal over positions with ``V`` columns per position, so
+        ``"ggn"`` and ``"sampled"`` both use its unbiased sampled-label factor
+        (:func:`~inflens.losses.sampled_token_factor`, ``samples`` vectors)."""
         od = out.detach()
         if self.fisher == "empirical":
             o = od.clone().requires_grad_(True)
             (g,) = torch.autograd.grad(obj.loss_fn(o, y).sum(), o)
             return g[None]
+        if obj.builtin_loss and obj.loss_name == "causal_lm":
+            return sampled_token_factor(od, y, self.samples, self._generator_)
+        per_example = od[0].numel()
+        need = od.shape[0] * per_example * per_example * od.element_size() * 3
+        if output_hessian_factor(obj.loss_fn, od[:1], y[:1]) is None and need > 2**31:
+            raise MemoryBudgetError(
+                f"{type(self).__name__}: the output Hessians of {per_example} outputs per "
+                f"example need about {need / 2**30:.1f} GiB per chunk; use fisher='empirical', "
+                "a smaller batch_size, or a sequence loss such as loss='causal_lm'"
+            )
         cols = output_hessian_factor(obj.loss_fn, od, y)
         if cols is None:
             cols = self._factor_columns_autograd(obj, od, y)
@@ -371,7 +449,7 @@ class KFAC(Solver):
                 try:
                     th = obj.theta.detach().requires_grad_(True)
                     with torch.enable_grad():
-                        out = obj.outputs(th, x)
+                        out = obj.predictions(th, x)
                 finally:
                     for h in handles:
                         h.remove()
@@ -405,9 +483,16 @@ class KFAC(Solver):
         a_fac = [torch.zeros(lay.dim_a, lay.dim_a, dtype=dt, device=dev) for lay in layers]
         s_fac = [torch.zeros(lay.out, lay.out, dtype=dt, device=dev) for lay in layers]
         diag = torch.zeros(self.diag_index_.numel(), dtype=dt, device=dev)
+        for i, lay in enumerate(layers):
+            if lay.diagonal_a:
+                a_fac[i] = torch.zeros(lay.dim_a, dtype=dt, device=dev)
         for x, _y, acts, per_col, cols in self._passes(curv, layers, modules, "K-FAC factors"):
             for i, a in enumerate(acts):
                 t = a.shape[1]
+                if layers[i].diagonal_a:  # one-hot inputs: A = diag(token counts) / T
+                    ids = a[a >= 0]
+                    a_fac[i] += torch.bincount(ids, minlength=layers[i].dim_a).to(dt) / t
+                    continue
                 a2 = a.reshape(-1, a.shape[-1])
                 a_fac[i] += a2.T @ a2 / t
             for grads in per_col:
@@ -420,21 +505,26 @@ class KFAC(Solver):
         n = curv.n
         return [a / n for a in a_fac], [s / n for s in s_fac], diag / n
 
-    def _diag_chunk(self, obj: Objective, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """``sum_i sum_c (J_i^T u_ic)^2`` restricted to the diagonal-fallback parameters."""
+    def _diag_chunk(self, obj: Objective, x, cols: torch.Tensor) -> torch.Tensor:
+        """``sum_i sum_c (J_i^T u_ic)^2`` restricted to the diagonal-fallback parameters.
+
+        ``J_i^T u_i`` is row ``i`` of the Jacobian of ``[sum(out_i * u_i)]_i`` (examples do
+        not interact), computed on the whole batch: no ``vmap`` over examples.
+        """
         idx = self.diag_index_
         theta = obj.theta
+        b = cols.shape[1]
+        total = theta.new_zeros(idx.numel())
+        for u in cols:
 
-        def out_one(tf: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-            th = theta.index_put((idx,), tf)
-            return obj.outputs(th, xi[None])[0]
+            def proj(tf: torch.Tensor, u: torch.Tensor = u) -> torch.Tensor:
+                out = obj.predictions(theta.index_put((idx,), tf), x)
+                return (out * u).reshape(b, -1).sum(1)
 
-        jac = vmap(jacrev(out_one), in_dims=(None, 0))(theta[idx], x)  # [B, *out, q]
-        b = x.shape[0]
-        jac = jac.reshape(b, -1, idx.numel())  # [B, C, q]
-        u = cols.reshape(cols.shape[0], b, -1)  # [m, B, C]
-        pseudo = torch.einsum("mbc,bcq->mbq", u, jac)
-        return (pseudo**2).sum((0, 1))
+            with math_attention():
+                jac = jacrev(proj)(theta[idx])  # [B, q]
+            total += (jac**2).sum(0)
+        return total
 
     def _correction_pass(self, curv: Curvature, layers: list[_Layer], modules):
         obj = curv.objective
@@ -444,6 +534,11 @@ class KFAC(Solver):
         ):
             for i, a in enumerate(acts):
                 qs, qa = self.evecs_s_[i], self.evecs_a_[i]
+                if layers[i].diagonal_a:  # an Embedding: rotate the output side only
+                    for grads in per_col:
+                        rot = self._onehot_sum(a, grads[i] @ qs, layers[i].dim_a)
+                        sums[i] += (rot**2).sum(0)
+                    continue
                 t, n_in, n_out = a.shape[1], a.shape[2], qs.shape[0]
                 rotate_first = _rotate_factors_first(t, n_in, n_out, len(per_col))
                 a_rot = a @ qa if rotate_first else a
@@ -469,13 +564,13 @@ class KFAC(Solver):
             return []
         obj = curv.objective
         x, y = next(iter(curv.data.chunks(min(curv.chunk_size, 8))))[1:]
-        x, y = x.to(obj.device), y.to(obj.device)
+        x, y = to_device(x, obj.device), y.to(obj.device)
         store: dict[str, list] = {}
         handles = self._hooks(layers, modules, store)
         try:
             th = obj.theta.detach().requires_grad_(True)
             with obj.evaluating(), torch.enable_grad():
-                out = obj.outputs(th, x)
+                out = obj.predictions(th, x)
                 loss = obj.loss_fn(out, y).sum()
         finally:
             for h in handles:
@@ -494,7 +589,10 @@ class KFAC(Solver):
         for lay, g, o in zip(ok, grads[1:], outs):
             g = torch.zeros_like(o) if g is None else g
             a = self._activations(lay, modules[lay.name], store[lay.name][0][0])
-            rebuilt = torch.einsum("bto,bta->oa", self._out_grads(lay, g), a)
+            if lay.diagonal_a:
+                rebuilt = self._onehot_sum(a, self._out_grads(lay, g), lay.dim_a).sum(0)
+            else:
+                rebuilt = torch.einsum("bto,bta->oa", self._out_grads(lay, g), a)
             ref = lay.gather(gth[None])[0]
             scale = float(ref.abs().max()) + torch.finfo(obj.dtype).tiny
             if float((rebuilt - ref).abs().max()) > 1e-4 * scale:
@@ -511,9 +609,10 @@ class KFAC(Solver):
             lay = _Layer(**d)
             qs, qa = self.evecs_s_[i], self.evecs_a_[i]
             mat = lay.gather(b)  # [k, out, in']
-            rot = qs.T @ mat @ qa
+            diag_a = qa.numel() == 0  # an identity eigenbasis (a diagonal input factor)
+            rot = qs.T @ mat if diag_a else qs.T @ mat @ qa
             rot = rot / (self.evals_[i] + self.shift_)
-            lay.scatter(out, qs @ rot @ qa.T)
+            lay.scatter(out, qs @ rot if diag_a else qs @ rot @ qa.T)
         if self.diag_index_.numel():
             idx = self.diag_index_
             out[:, idx] = b[:, idx] / (self.diag_ + self.shift_)
