@@ -64,15 +64,22 @@ class ObjectiveLike(Protocol):
 
 @contextlib.contextmanager
 def math_attention() -> Iterator[None]:
-    """Run ``scaled_dot_product_attention`` with the math kernel (differentiable twice, with
-    forward-mode rules); a no-op on PyTorch builds without ``torch.nn.attention``."""
+    """Run attention with differentiable primitives: ``scaled_dot_product_attention`` with
+    the math kernel (the fused CPU kernels have no double backward and no forward-mode rule)
+    and ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` without their fused
+    inference fast path (``aten::_transformer_encoder_layer_fwd`` has no forward-mode rule)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mha = getattr(torch.backends, "mha", None)
+    before = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - older torch
-        yield
-        return
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(before)
 
 
 def is_plain(*tensors: torch.Tensor) -> bool:
