@@ -92,7 +92,7 @@ class _Reference:
         p = self.theta.numel()
         total = torch.zeros(p, p, dtype=DT)
         for i in range(N):
-            jac = torch.autograd.functional.jacobian(lambda th: self.logits(th, i), self.theta)
+            jac = torch.autograd.functional.jacobian(lambda th, i=i: self.logits(th, i), self.theta)
             lab = self.data["labels"][i, 1:]
             keep = lab != -100
             probs = torch.softmax(self.logits(self.theta, i)[:-1], -1)
