@@ -232,8 +232,11 @@ def test_cg_not_converging_warns_with_residual() -> None:
 
 def test_exact_memory_budget() -> None:
     obj, case = _obj("mlp_tanh")
-    with pytest.raises(MemoryBudgetError, match=r"31x31 Hessian, more than max_memory_gb=1e-06"):
+    with pytest.raises(MemoryBudgetError, match=r"31x31 Hessian.*Exact\(max_memory_gb=1e-06\)"):
         _fit(obj, (case.x, case.y), solver=Exact(max_memory_gb=1e-6))
+    # the Influence's budget applies too
+    with pytest.raises(MemoryBudgetError, match=r"31x31 Hessian.*Influence\(max_memory_gb"):
+        _fit(obj, (case.x, case.y), solver=Exact(), max_memory_gb=2e-5)
 
 
 # ---------------------------------------------------------------------------- API misuse

@@ -16,11 +16,14 @@ from inflens import Objective
 from inflens.errors import InflensWarning, InputError, SolverDivergedError
 from inflens.models import LinearSVM, LogisticRegression
 from inflens.train import (
+    AdamConfig,
     _Batches,
     fit_adam,
     fit_lbfgs,
     fit_linear_svm,
+    fit_newton,
     loo_weights,
+    newton_minimize,
     piecewise_constant,
 )
 
@@ -58,7 +61,7 @@ def _logreg(d: int, l2: float) -> Objective:
 def test_fit_lbfgs_reaches_the_newton_optimum_to_tolerance() -> None:
     x, y = _data()
     obj = _logreg(4, 0.05)
-    theta, info = fit_lbfgs(obj, (x, y), tol=1e-12, return_info=True)
+    theta, info = fit_lbfgs(obj, (x, y), tol=1e-12)
     assert info.converged and info.grad_norm <= 1e-12 and info.iterations > 0
     ref = _newton_logreg(x, y, 0.05)
     # strong convexity: |theta - theta*| <= |grad| / l2
@@ -77,8 +80,8 @@ def test_fit_lbfgs_weights_remove_a_point_with_l2_relative_to_n_minus_1() -> Non
     keep[7] = False
     w = loo_weights(50, 7)
     assert w[7] == 0 and math.isclose(float(w.sum()), 50.0)
-    loo = fit_lbfgs(obj, (x, y), weights=w, tol=1e-12)
-    subset = fit_lbfgs(obj, (x[keep], y[keep]), tol=1e-12)
+    loo = fit_lbfgs(obj, (x, y), weights=w, tol=1e-12).theta
+    subset = fit_lbfgs(obj, (x[keep], y[keep]), tol=1e-12).theta
     torch.testing.assert_close(loo, subset, atol=1e-10, rtol=0)
     torch.testing.assert_close(loo, _newton_logreg(x[keep], y[keep], 0.05), atol=1e-10, rtol=0)
 
@@ -86,11 +89,11 @@ def test_fit_lbfgs_weights_remove_a_point_with_l2_relative_to_n_minus_1() -> Non
 def test_fit_lbfgs_chunking_and_per_parameter_l2() -> None:
     x, y = _data(n=64)
     obj = _logreg(4, 0.05)
-    a = fit_lbfgs(obj, (x, y), tol=1e-12)
-    b = fit_lbfgs(obj, (x, y), tol=1e-12, batch_size=7)
+    a = fit_lbfgs(obj, (x, y), tol=1e-12).theta
+    b = fit_lbfgs(obj, (x, y), tol=1e-12, batch_size=7).theta
     torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
     # per-parameter l2 equal to the scalar gives the same optimum
-    c = fit_lbfgs(obj, (x, y), tol=1e-12, l2=torch.full((4,), 0.05, dtype=DT))
+    c = fit_lbfgs(obj, (x, y), tol=1e-12, l2=torch.full((4,), 0.05, dtype=DT)).theta
     torch.testing.assert_close(a, c, atol=1e-10, rtol=0)
 
 
@@ -98,7 +101,7 @@ def test_fit_lbfgs_reports_non_convergence() -> None:
     x, y = _data()
     obj = _logreg(4, 0.05)
     with pytest.warns(InflensWarning, match="gradient norm"):
-        _, info = fit_lbfgs(obj, (x, y), tol=1e-12, max_iter=1, return_info=True)
+        _, info = fit_lbfgs(obj, (x, y), tol=1e-12, max_iter=1)
     assert not info.converged
     with pytest.raises(SolverDivergedError):
         fit_lbfgs(obj, (x, y), tol=1e-12, max_iter=1, on_fail="raise")
@@ -118,12 +121,18 @@ def test_batches_cover_each_epoch_once_and_cross_epochs_like_tensorflow() -> Non
     assert crossing.numel() == 4
 
 
+def _adam(obj, data, steps, batch, lr, **kw):
+    """fit_adam with the schedule settings of ``AdamConfig`` and the rest as keywords."""
+    cfg = {k: kw.pop(k) for k in ("schedule", "seed", "log_every") if k in kw}
+    return fit_adam(obj, data, AdamConfig(steps, batch, lr, **cfg), **kw)
+
+
 def test_fit_adam_is_deterministic_under_a_seed() -> None:
     x, y = _data()
     obj = _logreg(4, 0.05)
-    a = fit_adam(obj, (x, y), 30, 8, 0.05, seed=3)
-    b = fit_adam(obj, (x, y), 30, 8, 0.05, seed=3)
-    c = fit_adam(obj, (x, y), 30, 8, 0.05, seed=4)
+    a = _adam(obj, (x, y), 30, 8, 0.05, seed=3).theta
+    b = _adam(obj, (x, y), 30, 8, 0.05, seed=3).theta
+    c = _adam(obj, (x, y), 30, 8, 0.05, seed=4).theta
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -132,37 +141,104 @@ def test_fit_adam_resumes_from_its_state() -> None:
     x, y = _data()
     obj = _logreg(4, 0.05)
     sched = piecewise_constant([4], [1.0, 0.5])
-    whole = fit_adam(obj, (x, y), 10, 50, 0.05, schedule=sched)
-    half, st = fit_adam(obj, (x, y), 5, 50, 0.05, schedule=sched, return_state=True)
-    assert st["step"] == 5
-    rest = fit_adam(obj, (x, y), 5, 50, 0.05, schedule=sched, theta0=half, state=st)
-    torch.testing.assert_close(rest, whole, atol=1e-14, rtol=0)
+    whole = _adam(obj, (x, y), 10, 50, 0.05, schedule=sched)
+    half = _adam(obj, (x, y), 5, 50, 0.05, schedule=sched)
+    assert half.state is not None and half.state["step"] == 5 and half.info.iterations == 5
+    rest = _adam(obj, (x, y), 5, 50, 0.05, schedule=sched, theta0=half.theta, state=half.state)
+    assert rest.state["step"] == 10
+    torch.testing.assert_close(rest.theta, whole.theta, atol=1e-14, rtol=0)
+    torch.testing.assert_close(rest.state["m"], whole.state["m"], atol=1e-14, rtol=0)
 
 
-def test_fit_adam_schedule_and_subset() -> None:
+def test_fit_adam_schedule_subset_and_weights() -> None:
     x, y = _data()
     obj = _logreg(4, 0.05)
     stop = piecewise_constant([5], [1.0, 0.0])  # lr 0 from step 5 on
     assert stop(4) == 1.0 and stop(5) == 0.0
     torch.testing.assert_close(
-        fit_adam(obj, (x, y), 12, 50, 0.05, schedule=stop),
-        fit_adam(obj, (x, y), 5, 50, 0.05),
+        _adam(obj, (x, y), 12, 50, 0.05, schedule=stop).theta,
+        _adam(obj, (x, y), 5, 50, 0.05).theta,
     )
     keep = torch.arange(50) != 3
     torch.testing.assert_close(
-        fit_adam(obj, (x, y), 6, 49, 0.05, subset=keep),
-        fit_adam(obj, (x[keep], y[keep]), 6, 49, 0.05),
+        _adam(obj, (x, y), 6, 49, 0.05, subset=keep).theta,
+        _adam(obj, (x[keep], y[keep]), 6, 49, 0.05).theta,
     )
+    # full batches: weight 0 on a point == training without it; unit weights == no weights
+    torch.testing.assert_close(
+        _adam(obj, (x, y), 6, 50, 0.05, weights=keep.double()).theta,
+        _adam(obj, (x[keep], y[keep]), 6, 49, 0.05).theta,
+        rtol=1e-12,
+        atol=1e-14,
+    )
+    torch.testing.assert_close(
+        _adam(obj, (x, y), 6, 8, 0.05, seed=2, weights=torch.ones(50, dtype=DT)).theta,
+        _adam(obj, (x, y), 6, 8, 0.05, seed=2).theta,
+        rtol=1e-12,
+        atol=1e-14,
+    )
+    seen = []
+    _adam(obj, (x, y), 4, 8, 0.05, callback=lambda k, th: seen.append((k, th.norm())))
+    assert [k for k, _ in seen] == [1, 2, 3, 4]
+    with pytest.raises(InputError, match="lr > 0"):
+        AdamConfig(5, 8, 0.0)
+    with pytest.raises(InputError, match="not both"):
+        _adam(obj, (x, y), 1, 8, 0.05, subset=keep, weights=keep.double())
 
 
 def test_fit_adam_converges_to_the_convex_optimum() -> None:
     x, y = _data()
     obj = _logreg(4, 0.05)
     sched = piecewise_constant([300, 450], [1.0, 0.1, 0.01])
-    theta, st = fit_adam(obj, (x, y), 600, 50, 0.05, sched, return_state=True, log_every=100)
+    fit = _adam(obj, (x, y), 600, 50, 0.05, schedule=sched, log_every=100)
     ref = _newton_logreg(x, y, 0.05)
-    assert float((theta - ref).norm()) < 1e-3
-    assert st["losses"][-1] <= st["losses"][0]
+    assert float((fit.theta - ref).norm()) < 1e-3
+    assert fit.state["losses"][-1] <= fit.state["losses"][0]
+
+
+def test_newton_minimize_batched_equals_one_problem_at_a_time() -> None:
+    """Batched damped Newton on K weighted logistic problems: each row reaches tol and equals
+    the same problem solved alone, and the exact-Hessian path equals L-BFGS."""
+    x, y = _data()
+    obj = _logreg(4, 0.05)
+    n = x.shape[0]
+    weights = torch.stack([loo_weights(n, i) for i in range(3)])  # [3, n]
+
+    def risk(th, w):
+        return (obj.losses(th, x, y) * w).mean() + obj.regularizer(th)
+
+    def grad_rows(th, rows):
+        return torch.stack([torch.func.grad(risk)(t, weights[r]) for t, r in zip(th, rows)])
+
+    def value_rows(th, rows):
+        return torch.stack([risk(t, weights[r]) for t, r in zip(th, rows)])
+
+    def solve_rows(th, g, rows):
+        hs = [torch.func.hessian(risk)(t, weights[r]) for t, r in zip(th, rows)]
+        return torch.stack([torch.linalg.solve(h, gi) for h, gi in zip(hs, g)])
+
+    fit = newton_minimize(
+        grad_rows, torch.zeros(3, 4, dtype=DT), solve=solve_rows, value=value_rows, tol=1e-13
+    )
+    assert fit.theta.shape == (3, 4) and fit.info.converged
+    assert max(fit.info.extra["grad_norms"]) <= 1e-13
+    for r in range(3):
+        one = fit_newton(
+            obj, (x, y), theta0=torch.zeros(4, dtype=DT), weights=weights[r], tol=1e-13
+        )
+        torch.testing.assert_close(fit.theta[r], one.theta, rtol=1e-10, atol=1e-12)
+        ref = fit_lbfgs(obj, (x, y), weights=weights[r], tol=1e-12).theta
+        torch.testing.assert_close(one.theta, ref, rtol=1e-8, atol=1e-10)
+    # chord steps only (a fixed preconditioner): the same optimum, linear convergence
+    h0 = torch.func.hessian(risk)(fit.theta[0], weights[0])
+    inv = torch.linalg.inv(h0)
+    chord = newton_minimize(
+        grad_rows, torch.zeros(3, 4, dtype=DT), chord=lambda g, rows: g @ inv, tol=1e-13
+    )
+    torch.testing.assert_close(chord.theta, fit.theta, rtol=1e-10, atol=1e-12)
+    assert chord.info.extra["chord_steps"] > 0
+    with pytest.raises(InputError, match="solve"):
+        newton_minimize(grad_rows, torch.zeros(3, 4, dtype=DT))
 
 
 def _svm_dual_reference(x: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
@@ -195,7 +271,7 @@ def test_fit_linear_svm_matches_the_dual_qp_and_certifies_itself() -> None:
     x = g.randn(40, 3)
     y = np.where(x[:, 0] + 0.5 * g.randn(40) > 0, 1.0, -1.0)
     l2 = 0.1
-    w, info = fit_linear_svm(x, y, l2, return_info=True)
+    w, info = fit_linear_svm(x, y, l2)
     ref = _svm_dual_reference(x, y, l2)
     np.testing.assert_allclose(w.numpy(), ref, atol=1e-5)
     assert info.extra["duality_gap"] < 1e-12
@@ -207,11 +283,12 @@ def test_fit_linear_svm_matches_the_dual_qp_and_certifies_itself() -> None:
 
     assert primal(w.numpy()) <= primal(ref) + 1e-12
     # labels {0,1} are the same problem; the keep-mask is a subset with C = 1/(n_kept l2)
-    w01 = fit_linear_svm(x, (y > 0).astype(int), l2)
+    w01 = fit_linear_svm(x, (y > 0).astype(int), l2).theta
     torch.testing.assert_close(w01, w)
     keep = np.arange(40) != 5
     torch.testing.assert_close(
-        fit_linear_svm(x, y, l2, weights_mask=keep), fit_linear_svm(x[keep], y[keep], l2)
+        fit_linear_svm(x, y, l2, weights_mask=keep).theta,
+        fit_linear_svm(x[keep], y[keep], l2).theta,
     )
 
 
@@ -219,7 +296,7 @@ def test_fit_linear_svm_gives_the_weights_of_a_linear_svm_model() -> None:
     g = np.random.RandomState(1)
     x = g.randn(30, 2)
     y = np.where(x[:, 1] > 0, 1, -1)
-    w = fit_linear_svm(x, y, 0.05)
+    w = fit_linear_svm(x, y, 0.05).theta
     model = LinearSVM(2, dtype=DT)
     obj = Objective(model, "hinge", l2=0.05)
     obj.load_into_model(w)
@@ -245,7 +322,7 @@ def test_fit_newton_reaches_the_exact_leave_one_out_optimum():
     ).long()
     model = torch.nn.Linear(d, 1, bias=False).double()
     obj = inflens.Objective(model, "binary_logistic", l2=0.05)
-    theta = fit_lbfgs(obj, (x, y), tol=1e-12)
+    theta = fit_lbfgs(obj, (x, y), tol=1e-12).theta
     obj.load_into_model(theta)
     obj = inflens.Objective(model, "binary_logistic", l2=0.05)
     inf = inflens.Influence(obj, (x, y), solver="exact", progress=False).fit()

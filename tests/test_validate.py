@@ -11,8 +11,8 @@ import torch
 from inflens import Influence, Objective
 from inflens.errors import InputError
 from inflens.models import LinearSVM, LogisticRegression
-from inflens.train import fit_lbfgs, fit_linear_svm
-from inflens.validate import LOOResult, correlations, leave_one_out, select_indices
+from inflens.train import AdamConfig, fit_lbfgs, fit_linear_svm
+from inflens.validate import LOOConfig, LOOResult, correlations, leave_one_out, select_indices
 
 DT = torch.float64
 
@@ -51,7 +51,7 @@ def test_exact_refit_agrees_with_prediction_to_second_order() -> None:
     errs, scale = [], []
     for copies in (1, 4):
         inf, (x, y), test = _problem(copies)
-        res = leave_one_out(inf, test, indices=list(range(30)), progress=False)
+        res = leave_one_out(inf, test, LOOConfig(indices=tuple(range(30)), progress=False))
         assert res.info["max_measurement_error_bound"] < 1e-9  # refits are exact
         assert abs(res.reference_change) < 1e-12
         assert res.pearson > 0.99 and res.spearman > 0.97
@@ -66,7 +66,9 @@ def test_exact_refit_agrees_with_prediction_to_second_order() -> None:
 
 def test_lbfgs_refit_equals_an_independent_newton_refit() -> None:
     inf, (x, y), (xt, yt) = _problem()
-    res = leave_one_out(inf, (xt, yt), indices=[0, 5, 17], progress=False, reference=False)
+    res = leave_one_out(
+        inf, (xt, yt), LOOConfig(indices=[0, 5, 17], progress=False, reference=False)
+    )
     base = float(torch.nn.functional.softplus(-(xt[0] @ inf.objective.theta)))
     for i, a in zip(res.indices.tolist(), res.actual.tolist()):
         assert abs(a - (_exact_loo_change(x, y, xt, yt, i, 0.1) - base)) < 1e-10
@@ -76,19 +78,23 @@ def test_lbfgs_refit_equals_an_independent_newton_refit() -> None:
 def test_selection_top_random_given() -> None:
     inf, _, test = _problem()
     pred_all = inf.predicted_loss_change(test)[0]
-    top = leave_one_out(inf, test, k=5, progress=False, reference=False)
+    top = leave_one_out(inf, test, LOOConfig(k=5, progress=False, reference=False))
     assert top.indices.tolist() == torch.argsort(pred_all.abs(), descending=True)[:5].tolist()
     torch.testing.assert_close(top.predicted, pred_all[top.indices])
     r1 = select_indices(pred_all, 5, "random", seed=1)
     assert r1.tolist() == select_indices(pred_all, 5, "random", seed=1).tolist()
     assert len(set(r1.tolist())) == 5
-    given = leave_one_out(inf, test, indices=[3, 1], progress=False, reference=False)
+    given = leave_one_out(inf, test, LOOConfig(indices=[3, 1], progress=False, reference=False))
     assert given.indices.tolist() == [3, 1]
     torch.testing.assert_close(given.predicted, pred_all[[3, 1]])
     with pytest.raises(InputError):
-        leave_one_out(inf, test, select="best", progress=False)
+        leave_one_out(inf, test, LOOConfig(select="best", progress=False))
+    with pytest.raises(InputError, match="needs indices"):
+        LOOConfig(select="given")
+    with pytest.raises(InputError, match="retrain"):
+        LOOConfig(retrain="sgd")
     with pytest.raises(InputError):
-        leave_one_out(inf, test, indices=[99], progress=False)
+        leave_one_out(inf, test, LOOConfig(indices=[99], progress=False))
 
 
 def test_callable_retrain_and_checkpoint_resume(tmp_path) -> None:
@@ -98,35 +104,35 @@ def test_callable_retrain_and_checkpoint_resume(tmp_path) -> None:
     def refit(keep: torch.Tensor, theta0: torch.Tensor):
         calls.append(int((~keep).sum()))
         w = keep.to(DT) * (len(keep) / keep.sum())
-        return fit_lbfgs(inf.objective, (x, y), theta0=theta0, weights=w, tol=1e-12), {"x": 1}
+        return fit_lbfgs(inf.objective, (x, y), theta0=theta0, weights=w, tol=1e-12).theta, {"x": 1}
 
     ck = tmp_path / "loo.json"
-    a = leave_one_out(inf, test, k=4, retrain=refit, progress=False, checkpoint=ck)
+    a = leave_one_out(inf, test, LOOConfig(k=4, retrain=refit, progress=False, checkpoint=ck))
     assert calls == [0, 1, 1, 1, 1]  # the full-data reference, then one per point
-    b = leave_one_out(inf, test, k=4, retrain=refit, progress=False, checkpoint=ck)
+    b = leave_one_out(inf, test, LOOConfig(k=4, retrain=refit, progress=False, checkpoint=ck))
     assert len(calls) == 5  # everything was read back
     torch.testing.assert_close(a.actual, b.actual)
-    ref = leave_one_out(inf, test, k=4, progress=False)
+    ref = leave_one_out(inf, test, LOOConfig(k=4, progress=False))
     # the built-in refit stops at its default tol=1e-10: |error| <= |grad L_test| 1e-10 / l2
     torch.testing.assert_close(a.actual, ref.actual, atol=1e-8, rtol=0)
     with pytest.raises(InputError, match="different leave-one-out run"):
-        leave_one_out(inf, test, k=3, retrain=refit, progress=False, checkpoint=ck)
+        leave_one_out(inf, test, LOOConfig(k=3, retrain=refit, progress=False, checkpoint=ck))
 
 
 def test_adam_retrain_reports_drift_of_the_continuation() -> None:
     """Full-batch Adam from theta-hat: the continuation barely moves, and the n-1 runs move
     towards the exact leave-one-out optimum."""
     inf, _, test = _problem()
-    exact = leave_one_out(inf, test, k=4, progress=False)
+    exact = leave_one_out(inf, test, LOOConfig(k=4, progress=False))
     adam = leave_one_out(
         inf,
         test,
-        indices=exact.indices,
-        retrain="adam",
-        steps=400,
-        batch_size=30,
-        lr=2e-3,
-        progress=False,
+        LOOConfig(
+            indices=exact.indices,
+            retrain="adam",
+            adam=AdamConfig(steps=400, batch_size=30, lr=2e-3),
+            progress=False,
+        ),
     )
     assert adam.retrain == "adam" and adam.actual_vs_reference is not None
     assert abs(adam.reference_change) < 0.05 * float(exact.actual.abs().max())
@@ -144,7 +150,7 @@ def test_svm_refit_with_a_callable_and_hinge_influence() -> None:
     xt = torch.tensor([[0.2, 1.0, -0.3]], dtype=DT)
     yt = torch.tensor([-1])
     l2 = 0.05
-    w = fit_linear_svm(x, y, l2)
+    w = fit_linear_svm(x, y, l2).theta
     obj = Objective(
         LinearSVM(3, dtype=DT),
         "smooth_hinge",
@@ -158,9 +164,9 @@ def test_svm_refit_with_a_callable_and_hinge_influence() -> None:
     inf = Influence(obj, (X, Y), solver="exact", progress=False).fit()
 
     def svm(keep, theta0):
-        return fit_linear_svm(x, y, l2, weights_mask=keep.numpy(), return_info=True)
+        return fit_linear_svm(x, y, l2, weights_mask=keep.numpy())
 
-    res = leave_one_out(inf, (xt, yt), k=8, retrain=svm, progress=False)
+    res = leave_one_out(inf, (xt, yt), LOOConfig(k=8, retrain=svm, progress=False))
     assert abs(res.reference_change) < 1e-9  # the full-data refit is the same optimum
     assert all(r["duality_gap"] < 1e-12 for r in res.info["refits"])
     assert np.isfinite(res.pearson)
@@ -168,7 +174,7 @@ def test_svm_refit_with_a_callable_and_hinge_influence() -> None:
 
 def test_result_plot_and_json(tmp_path) -> None:
     inf, _, test = _problem()
-    res = leave_one_out(inf, test, k=6, progress=False)
+    res = leave_one_out(inf, test, LOOConfig(k=6, progress=False))
     assert isinstance(res, LOOResult)
     path = tmp_path / "loo.png"
     res.plot(path, title="tiny LR")

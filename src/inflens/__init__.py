@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from . import losses, models, solvers, train, validate
+from ._version import __version__
 from .apps import attack
 from .errors import (
     CurvatureError,
@@ -20,13 +21,14 @@ from .errors import (
     SolverDivergedError,
     VmapError,
 )
+from .index import GradientIndex
 from .influence import Influence
 from .objective import Objective
-
-__version__ = "0.1.0"
+from .sklearn_bridge import from_sklearn
 
 __all__ = [
     "CurvatureError",
+    "GradientIndex",
     "Influence",
     "InflensError",
     "InflensWarning",
@@ -36,7 +38,9 @@ __all__ = [
     "Objective",
     "SolverDivergedError",
     "VmapError",
+    "__version__",
     "attack",
+    "from_sklearn",
     "losses",
     "models",
     "solvers",

@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import Data, DataLike
+from .data import DataLike
 from .errors import InflensError, InputError
+from .fingerprint import data_fingerprint, hash_tensor, model_fingerprint
 from .layout import canonical
 from .objective import Objective
 
@@ -46,57 +47,10 @@ class ArtifactMismatchError(InflensError):
 
 
 # ---------------------------------------------------------------------------- fingerprints
-def _hash_tree(h: Any, name: str, x: Any) -> None:
-    """Hash every tensor of a batch tree (tensor, tuple or dict), with its key path."""
-    if isinstance(x, torch.Tensor):
-        _hash_tensor(h, name, x)
-    elif isinstance(x, dict):
-        for k in sorted(x):
-            _hash_tree(h, f"{name}.{k}", x[k])
-    else:
-        for i, v in enumerate(x):
-            _hash_tree(h, f"{name}.{i}", v)
-
-
-def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
-    t = t.detach().to("cpu").contiguous()
-    h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-    # view as bytes: exact, dtype-independent (bfloat16 has no numpy counterpart)
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-def model_fingerprint(objective: Objective) -> str:
-    """SHA-256 of theta (names, shapes, bytes), frozen parameters, buffers, loss and l2."""
-    h = hashlib.sha256()
-    h.update(
-        f"{type(objective.model).__qualname__}|{objective.loss_name}|{objective.l2!r}|".encode()
-    )
-    for name, t in objective.unflatten(objective.theta).items():
-        _hash_tensor(h, "theta:" + name, t)
-    for name in sorted(objective.frozen):
-        _hash_tensor(h, "frozen:" + name, objective.frozen[name])
-    return h.hexdigest()
-
-
-def data_fingerprint(data: Data | DataLike, chunk_size: int = 4096) -> str:
-    """SHA-256 of every input and target, in order (one pass for a ``Dataset``)."""
-    data = data if isinstance(data, Data) else Data(data)
-    h = hashlib.sha256()
-    h.update(f"n={len(data)}|".encode())
-    if data.x is not None:
-        _hash_tensor(h, "x", data.x)
-        _hash_tensor(h, "y", data.y)
-        return h.hexdigest()
-    for _, x, y in data.chunks(chunk_size):
-        _hash_tree(h, "x", x)
-        _hash_tensor(h, "y", y)
-    return h.hexdigest()
-
-
 def vectors_fingerprint(vecs: torch.Tensor) -> str:
     """SHA-256 of a tensor's shape, dtype and bytes."""
     h = hashlib.sha256()
-    _hash_tensor(h, "v", vecs)
+    hash_tensor(h, "v", vecs)
     return h.hexdigest()
 
 
@@ -201,7 +155,7 @@ def _restore_solver(cls: type, tensors: dict[str, torch.Tensor], values: dict[st
 # ---------------------------------------------------------------------------- fitted Influence
 def influence_config(inf: Influence) -> dict[str, Any]:
     """The JSON description of a fitted :class:`Influence` (without fingerprints)."""
-    from . import __version__
+    from ._version import __version__
 
     curv = inf._fitted()
     obj = inf.objective
@@ -257,17 +211,18 @@ def load_influence(
     train: DataLike,
     progress: bool = True,
     check_data: bool = True,
-    influence_class: type | None = None,
+    *,
+    influence_class: type,
 ) -> Influence:
-    """A fitted :class:`Influence` restored from ``folder`` without refitting.
+    """A fitted :class:`Influence` restored from ``folder`` without refitting
+    (``Influence.load`` calls it with its own class).
 
     Refuses (:class:`ArtifactMismatchError`) when ``objective``'s parameters, loss or l2, or
     the training data (unless ``check_data=False``), differ from those it was fitted on.
-    ``influence_class`` (default :class:`Influence`) is the class to build, e.g.
-    :class:`inflens.distributed.DistributedInfluence`.
+    ``influence_class`` is the class to build (:class:`~inflens.Influence`, or e.g.
+    :class:`inflens.distributed.DistributedInfluence`); this module does not import it, so
+    that persistence stays below the queries in the layering.
     """
-    from .influence import Influence
-
     folder = Path(folder)
     cfg = _read_json(folder / "config.json")
     if cfg.get("format") != FORMAT_VERSION:
@@ -277,7 +232,7 @@ def load_influence(
     tensors = load_file(str(folder / "curvature.safetensors"))
     values = _read_json(folder / "solver.json")
     solver = _restore_solver(_solver_class(cfg["solver"]), tensors, values, objective.device)
-    inf = (influence_class or Influence)(
+    inf = influence_class(
         objective,
         train,
         solver=solver,
@@ -300,6 +255,7 @@ def load_influence(
     curv.curvature = inf.curvature
     solver.curvature_ = curv
     inf.curvature_ = curv
+    inf.model_state_ = objective.state_token()
     inf.n_train_ = curv.n
     return inf
 
@@ -481,7 +437,7 @@ def score_folder_for_test(
         s = inf.s_test(test)
         if rank == 0:
             save_vectors(inf, folder, "s_test", s)
-    mine = inf.my_chunks(chunk_size) if hasattr(inf, "my_chunks") else None
+    mine = inf.my_chunks(chunk_size)
     if rank == 0:
         score_to_folder(inf, s, folder / "scores", chunk_size, mine, callback)
     _barrier()  # rank 0 wrote scores.json; the others check it and write their chunks

@@ -111,6 +111,21 @@ def transform_errors() -> Iterator[None]:
         raise
 
 
+def _directional(
+    f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, vecs: torch.Tensor
+):
+    """``[k, *f(theta).shape]``: forward-mode derivatives of ``f`` at ``theta`` along each row
+    of ``vecs`` (one pass for one vector, ``vmap`` over the vectors otherwise)."""
+
+    def one(v: torch.Tensor) -> torch.Tensor:
+        return jvp(f, (theta,), (v,))[1]
+
+    with math_attention():
+        if vecs.shape[0] == 1:
+            return one(vecs[0]).unsqueeze(0)
+        return _vmapped(one, vecs)
+
+
 class DerivativesBackend:
     """Derivatives of an objective's per-example losses in theta (module docstring).
 
@@ -144,14 +159,7 @@ class DerivativesBackend:
     ) -> torch.Tensor:
         """``[k, B]``: directional derivatives ``grad_theta l(z_i) . v_j`` (forward mode)."""
         fn = self._per_example_fn(which)
-
-        def one(v: torch.Tensor) -> torch.Tensor:
-            return jvp(lambda th: fn(th, x, y), (theta,), (v,))[1]
-
-        with math_attention():
-            if vecs.shape[0] == 1:
-                return one(vecs[0]).unsqueeze(0)
-            return _vmapped(one, vecs)
+        return _directional(lambda th: fn(th, x, y), theta, vecs)
 
     def token_jvp(
         self,
@@ -163,14 +171,7 @@ class DerivativesBackend:
     ) -> torch.Tensor:
         """``[k, B, T]``: directional derivatives of per-token loss terms ``token_fn(outputs, y)
         [B, T]`` (whose row sums are the per-example losses) along each ``v_j``."""
-
-        def one(v: torch.Tensor) -> torch.Tensor:
-            return jvp(lambda th: token_fn(self.obj.predictions(th, x), y), (theta,), (v,))[1]
-
-        with math_attention():
-            if vecs.shape[0] == 1:
-                return one(vecs[0]).unsqueeze(0)
-            return _vmapped(one, vecs)
+        return _directional(lambda th: token_fn(self.obj.predictions(th, x), y), theta, vecs)
 
     # ------------------------------------------------------------------ second order
     def hvp_sum(

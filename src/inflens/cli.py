@@ -63,8 +63,25 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--data-dir", type=Path, default=None, help="folder with the data sets")
     rep.add_argument("--out", type=Path, default=None, help="output folder (default runs/NAME)")
     rep.add_argument("--quick", action="store_true", help="small subsample, under a minute")
+    rep.add_argument(
+        "--protocol", default=None, help="fig2-cnn: reduced (default), reduced-240 or full"
+    )
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
     rep.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+
+    bench = sub.add_parser("benchmark", help="attribution benchmarks (LDS) built offline here")
+    bench.add_argument("name", help="benchmark name (see `inflens benchmark list`)")
+    bench.add_argument("--data-dir", type=Path, default=None, help="folder with the data sets")
+    bench.add_argument("--out", type=Path, default=None, help="output folder (default runs/NAME)")
+    bench.add_argument("--subsets", type=int, default=100, help="retrained subsets m")
+    bench.add_argument("--workers", type=int, default=None, help="retraining processes")
+    bench.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+
+    from .explain import add_parser as add_explain_parser
+
+    add_explain_parser(sub, THREADS_HELP)
 
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -73,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.command == "explain":
+        from .explain import main as explain_main
+
+        return explain_main(args)
+    if args.command == "benchmark":
+        return _benchmark(args)
     if args.command == "demo":
         from .experiments.demo import run_demo
 
@@ -93,11 +116,48 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or default_data_dir()
     out = args.out or Path("runs") / args.name
     out.mkdir(parents=True, exist_ok=True)
+    extra = {} if args.protocol is None else {"protocol": args.protocol}
     metrics = exps[args.name].run(
-        data_dir=data_dir, out=out, quick=args.quick, progress=not args.quiet
+        data_dir=data_dir, out=out, quick=args.quick, progress=not args.quiet, **extra
     )
     print(json.dumps(metrics, indent=2, default=str)[:4000])
     print(f"figures and metrics.json written to {out}/")
+    return 0
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    """``inflens benchmark NAME``: see :mod:`inflens.experiments.lds_bench`."""
+    from .errors import InputError
+    from .experiments import lds_bench
+
+    if args.name == "list":
+        for name, text in lds_bench.BENCHMARKS.items():
+            print(f"{name:14s} {text}")
+        return 0
+    try:
+        methods = tuple(args.methods.split(",")) if args.methods else lds_bench.METHODS
+        config = lds_bench.BenchmarkConfig(
+            args.name,
+            n_subsets=args.subsets,
+            workers=args.workers,
+            methods=methods,
+            progress=not args.quiet,
+        )
+    except InputError as exc:
+        print(f"inflens: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or Path("runs") / args.name
+    try:
+        summary = lds_bench.run_benchmark(config, args.data_dir or default_data_dir(), out)
+    except lds_bench.DataMissing as exc:
+        print(f"inflens benchmark {args.name}: skipped: {exc}", file=sys.stderr)
+        return 0
+    print((out / "lds_table.md").read_text())
+    gt = summary["ground_truth"]
+    print(
+        f"ground truth: {gt['retrained']} models retrained in {gt['seconds']:.1f} s, "
+        f"{gt['reused']} reused; total {summary['total_seconds']:.1f} s; written to {out}/"
+    )
     return 0
 
 

@@ -161,14 +161,23 @@ class Curvature:
         single = vecs.ndim == 1
         v = vecs.reshape(-1, self.p).to(self.dtype)
         out = torch.zeros_like(v)
+        group = self.vectors_per_product()
         with self.objective.evaluating():
             for start, x, y in self.chunks(desc):
-                cached = self._cached_head_product(start, v, x, y)
-                out += self.sum_product(v, x, y) if cached is None else cached
+                for g in range(0, v.shape[0], group):
+                    vg = v[g : g + group]
+                    cached = self._cached_head_product(start, vg, x, y)
+                    out[g : g + group] += self.sum_product(vg, x, y) if cached is None else cached
         self.all_reduce(out)  # the other ranks' shards (inflens.distributed); else a no-op
         out = out / self.n + self.shift * v
         self.num_matvecs += v.shape[0]
         return out[0] if single else out
+
+    def vectors_per_product(self) -> int:
+        """How many vectors one vectorised product takes: each carries ``[p]``-sized tangents,
+        gradients and temporaries (about 8 copies), within a quarter of the budget."""
+        itemsize = torch.finfo(self.dtype).bits // 8
+        return max(1, int(self.budget_bytes / 4 // (8 * self.p * itemsize)))
 
     @contextlib.contextmanager
     def reusing(self, budget_bytes: int = 2**30) -> Iterator[None]:

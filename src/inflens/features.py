@@ -22,7 +22,6 @@ features. This module provides the pieces to build such a model in PyTorch:
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import time
@@ -30,13 +29,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import InputError
+from .fingerprint import tensors_fingerprint
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -242,14 +241,6 @@ def train_feature_cnn(
     return freeze(net), info
 
 
-def _fingerprint(x: torch.Tensor, y: torch.Tensor, config: dict[str, Any]) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(config, sort_keys=True).encode())
-    h.update(np.ascontiguousarray(x.detach().cpu().numpy()).tobytes())
-    h.update(np.ascontiguousarray(y.detach().cpu().numpy()).tobytes())
-    return h.hexdigest()[:16]
-
-
 def cached_feature_cnn(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -268,7 +259,7 @@ def cached_feature_cnn(
     from safetensors.torch import load_file, save_file
 
     config = {"features": 64, **train_kwargs}
-    key = _fingerprint(x, y, config)
+    key = tensors_fingerprint(x, y, config=config, length=16)
     cache_dir = Path(cache_dir).expanduser()
     weights = cache_dir / f"{name}-{key}.safetensors"
     sidecar = weights.with_suffix(".json")

@@ -134,6 +134,7 @@ class Influence:
         self.n_classes_ = n_classes
         self.solver.fit(curv).canonicalize()  # the layout a reloaded solver will have
         self.curvature_ = curv
+        self.model_state_ = obj.state_token()  # queries refuse a model changed after this
         self.n_train_ = curv.n
         return self
 
@@ -190,6 +191,13 @@ class Influence:
             raise NotFittedError(
                 "this Influence is not fitted yet: call .fit() before querying "
                 "(e.g. inf = Influence(obj, train).fit())"
+            )
+        token = getattr(self, "model_state_", None)
+        if token is not None and token != self.objective.state_token():
+            raise InputError(
+                "the model's parameters or buffers changed after fit() (an optimizer step, "
+                "load_state_dict, or a forward pass in train mode): the fitted curvature and "
+                "theta no longer describe it. Build a new Objective and Influence and fit again"
             )
         return self.curvature_
 
@@ -278,7 +286,8 @@ class Influence:
         obj = self.objective
         if obj.backend.closed_form_scoring:
             return None  # the closed form is used for any k
-        x, y = self._get_train(torch.arange(min(self._PROBE, self.n)))
+        probe = min(self._PROBE, self.n, self._fitted().chunk_size)  # within the budget
+        x, y = self._get_train(torch.arange(probe))
         g = torch.Generator(device="cpu").manual_seed(0)
         vecs = torch.randn(4, obj.p, generator=g, dtype=obj.dtype).to(obj.device)
 
@@ -519,6 +528,11 @@ class Influence:
         from .index import build_index
 
         return build_index(self, folder, dim=dim, projection=projection, **kwargs)
+
+    def my_chunks(self, chunk_size: int) -> list[int] | None:
+        """The score chunks this process writes in :meth:`score_to_folder` (None: all of
+        them; :class:`inflens.distributed.DistributedInfluence` gives each rank its share)."""
+        return None
 
     def diagnostics(self, eigenvalues: bool = False) -> dict[str, Any]:
         """Solver and problem facts: n, p, damping, l2, and what the solver measured.

@@ -174,6 +174,14 @@ class Objective:
         """Number of parameters in theta."""
         return int(self.theta.numel())
 
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """``{name: (start, stop)}``: where each selected parameter lies in flat theta."""
+        out, start = {}, 0
+        for name, numel in zip(self.names, self.numels):
+            out[name] = (start, start + numel)
+            start += numel
+        return out
+
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a flat ``[p]`` vector into the named parameter tensors."""
         parts = torch.split(theta, self.numels)
@@ -192,6 +200,13 @@ class Objective:
             for n, v in self.unflatten(theta).items():
                 named[n].copy_(v)
         self.theta = theta.detach().to(self.theta.dtype).clone()
+
+    def state_token(self) -> tuple:
+        """Identity and in-place version counter of every parameter and buffer of the model:
+        equal tokens mean no tensor was replaced or modified in place in between (an optimizer
+        step, ``load_state_dict``, a forward pass in train mode updating BatchNorm statistics)."""
+        named = [*self.model.named_parameters(), *self.model.named_buffers()]
+        return tuple((n, t.data_ptr(), t._version) for n, t in named)
 
     # ------------------------------------------------------------------ data checks
     def prepare(

@@ -16,7 +16,13 @@ n - 1 points* (the paper's leave-one-out protocol, ``C = 1/((n-1) l2)``) use
   under a seed, resumable from (and returning) the optimiser state.
 - :func:`fit_linear_svm`: an exact hinge-loss linear SVM without bias (liblinear dual
   coordinate descent, then an active-set polish with a duality-gap certificate).
+- :func:`newton_minimize`: the one damped Newton iteration (chord steps with a fixed
+  preconditioner, Newton steps with an Armijo line search), on any smooth strongly convex
+  function given by its gradient; batched over independent problems. :func:`fit_newton` runs
+  it on an :class:`~inflens.Objective`; the attack, the experiments' logistic fits and the
+  MNIST leave-one-out refits call it with their own closed forms.
 
+Every trainer returns a :class:`Fit` (theta, what happened, and for Adam the optimiser state).
 Trainers never modify the model or the objective unless ``load=True``.
 """
 
@@ -40,12 +46,16 @@ from .errors import InflensWarning, InputError, SolverDivergedError
 from .objective import Objective
 
 __all__ = [
+    "AdamConfig",
+    "Fit",
     "FitInfo",
+    "batch_sequence",
     "fit_adam",
     "fit_lbfgs",
     "fit_linear_svm",
     "fit_newton",
     "loo_weights",
+    "newton_minimize",
     "piecewise_constant",
 ]
 
@@ -69,6 +79,27 @@ class FitInfo:
         out = {k: v for k, v in self.__dict__.items() if k != "extra"}
         out.update(self.extra)
         return out
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What every trainer returns: the parameters, how the fit went, and the optimiser state.
+
+    Attributes:
+        theta: the flat ``[p]`` parameters (``[K, p]`` for a batched :func:`newton_minimize`).
+        info: iterations, final gradient norm / objective, convergence, time.
+        state: the optimiser state to resume from (:func:`fit_adam`: ``m``, ``v``, ``step``,
+            ``losses``); ``None`` for the other trainers.
+
+    Unpacks as ``theta, info = fit``.
+    """
+
+    theta: torch.Tensor
+    info: FitInfo
+    state: dict[str, Any] | None = None
+
+    def __iter__(self):
+        return iter((self.theta, self.info))
 
 
 def loo_weights(n: int, remove: int | torch.Tensor, dtype: torch.dtype = torch.float64):
@@ -125,7 +156,6 @@ def _held_eval(objective: Objective) -> contextlib.AbstractContextManager:
 def _finish(objective: Objective, theta: torch.Tensor, load: bool) -> None:
     if load:
         objective.load_into_model(theta)
-        objective.theta = theta.detach().clone()
 
 
 # ---------------------------------------------------------------------------------- L-BFGS
@@ -143,8 +173,7 @@ def fit_lbfgs(
     history_size: int = 50,
     on_fail: str = "warn",
     load: bool = False,
-    return_info: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, FitInfo]:
+) -> Fit:
     """Full-batch L-BFGS on ``R_w(theta) = (1/n) sum_i w_i loss_i + (l2/2)||theta||^2``.
 
     Runs ``torch.optim.LBFGS`` (strong Wolfe line search) on the flat theta until
@@ -167,10 +196,10 @@ def fit_lbfgs(
         on_fail: ``"warn"`` (InflensWarning), ``"raise"`` (SolverDivergedError) or ``"ignore"``
             when the tolerance is not reached.
         load: copy the result into the model and set ``objective.theta`` to it.
-        return_info: also return a :class:`FitInfo` (iterations, gradient norm, objective).
 
     Returns:
-        The flat ``[p]`` theta (detached), and the info when ``return_info``.
+        A :class:`Fit`: the flat ``[p]`` theta (detached) and a :class:`FitInfo` (iterations,
+        gradient norm, objective).
     """
     if on_fail not in ("warn", "raise", "ignore"):
         raise InputError(f"on_fail must be 'warn', 'raise' or 'ignore', got {on_fail!r}")
@@ -304,7 +333,7 @@ def fit_lbfgs(
         if on_fail == "warn":
             warnings.warn(msg, InflensWarning, stacklevel=2)
     _finish(obj, theta, load)
-    return (theta, info) if return_info else theta
+    return Fit(theta, info)
 
 
 # ---------------------------------------------------------------------------------- Adam
@@ -354,64 +383,107 @@ class _Batches:
         return torch.cat([rest, self.perm[: self.pos]])
 
 
+def batch_sequence(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """The index batches :func:`fit_adam` draws from ``n`` points (``subset=None``) under
+    ``seed``: ``steps`` tensors of ``min(batch_size, n)`` indices."""
+    batches = _Batches(n, min(int(batch_size), n), torch.Generator().manual_seed(int(seed)))
+    return [batches.next() for _ in range(int(steps))]
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    """The schedule of one :func:`fit_adam` run (validated on creation).
+
+    Attributes:
+        steps: number of Adam steps to run.
+        batch_size: examples per step.
+        lr: base learning rate; the rate at global step ``k`` is ``lr * schedule(k)``.
+        schedule: ``global_step -> factor`` (see :func:`piecewise_constant`); ``None``: 1.
+        seed: seed of the mini-batch order.
+        betas, eps: Adam constants (TensorFlow and PyTorch defaults).
+        log_every: record the mean mini-batch risk over every ``log_every`` steps in
+            ``state["losses"]`` (0: never).
+        progress: progress bar.
+    """
+
+    steps: int
+    batch_size: int
+    lr: float
+    schedule: Callable[[int], float] | None = None
+    seed: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    log_every: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if int(self.steps) < 0 or int(self.batch_size) < 1 or not self.lr > 0:
+            raise InputError(
+                f"need steps >= 0, batch_size >= 1 and lr > 0, got {self.steps}, "
+                f"{self.batch_size}, {self.lr}"
+            )
+        if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1) or not self.eps > 0:
+            raise InputError(f"need betas in [0, 1) and eps > 0, got {self.betas}, {self.eps}")
+        if int(self.log_every) < 0:
+            raise InputError(f"log_every must be >= 0, got {self.log_every}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (the schedule by name)."""
+        d = {k: v for k, v in self.__dict__.items() if k != "schedule"}
+        d["schedule"] = None if self.schedule is None else getattr(self.schedule, "__name__", "fn")
+        return d
+
+
 def fit_adam(
     objective: Objective,
     train: DataLike,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    schedule: Callable[[int], float] | None = None,
-    seed: int = 0,
+    config: AdamConfig,
+    *,
     theta0: torch.Tensor | None = None,
     state: dict[str, Any] | None = None,
-    return_state: bool = False,
-    *,
     subset: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
     l2: L2Like = None,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    progress: bool = False,
-    log_every: int = 0,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
     load: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
-    """Mini-batch Adam on ``mean_{i in batch} loss_i + (l2/2)||theta||^2``.
+) -> Fit:
+    """Mini-batch Adam on the (weighted) batch mean of the losses plus ``(l2/2)||theta||^2``.
 
-    Deterministic under ``seed``: batches are consecutive slices of a ``torch.randperm``
-    permutation of the (subset of the) training set, reshuffled at every epoch end, drawn from a
-    generator seeded with ``seed``. The update is PyTorch's Adam (bias-corrected moments,
-    ``eps`` added to ``sqrt(v_hat)``); the learning rate at global step ``k`` is
-    ``lr * schedule(k)`` (``schedule=None``: constant).
+    Deterministic under ``config.seed``: batches are consecutive slices of a ``torch.randperm``
+    permutation of the (subset of the) training set, reshuffled at every epoch end, drawn from
+    a generator seeded with the seed (a batch that crosses an epoch end takes the rest of the
+    old epoch and the start of the new one, as the paper's loader). The update is PyTorch's
+    Adam (bias-corrected moments, ``eps`` added to ``sqrt(v_hat)``); the learning rate at
+    global step ``k`` is ``lr * schedule(k)``.
 
     Args:
         objective: model, loss and default l2; its theta is the default start.
         train: the training data (``(X, y)`` tensors, Dataset or non-shuffling DataLoader).
-        steps: number of Adam steps to run now.
-        batch_size: examples per step.
-        lr: base learning rate.
-        schedule: ``global_step -> factor`` (see :func:`piecewise_constant`).
-        seed: seed of the mini-batch order.
+        config: steps, batch size, learning rate and schedule, seed (:class:`AdamConfig`).
         theta0: start; default ``objective.theta``.
-        state: optimiser state returned by an earlier call (``m``, ``v``, ``step``) to resume
-            or warm-start from (e.g. the final state of the original training, so that a
+        state: optimiser state of an earlier :class:`Fit` (``m``, ``v``, ``step``) to resume or
+            warm-start from (e.g. the final state of the original training, so that a
             leave-one-out retrain continues with the same moments and decayed learning rate).
-            The state is not modified.
-        return_state: also return the new state (``m``, ``v``, ``step``, ``losses``).
-        subset: train only on these training indices (e.g. all but one point). Avoids copying.
+            It is not modified.
+        subset: train only on these training indices (the batches are drawn from them).
+        weights: ``[n]`` non-negative example weights; the batch risk is
+            ``sum_b w_i loss_i / sum_b w_i``. Batches are drawn from all ``n`` points whatever
+            the weights, so runs that differ only in weights see the same batches (a removed
+            point is weight 0: paired leave-one-out retraining).
         l2: override of the objective's l2 (float or ``[p]`` per-parameter tensor).
-        betas, eps: Adam constants (TensorFlow and PyTorch defaults).
-        progress: progress bar.
-        log_every: record the mean mini-batch risk over every ``log_every`` steps in
-            ``state["losses"]`` (0: never).
+        callback: ``(steps_done, theta) -> None`` after every step (e.g. to measure snapshots).
         load: copy the result into the model and set ``objective.theta``.
 
     Returns:
-        theta ``[p]``, and the state dict when ``return_state``.
+        A :class:`Fit` with theta ``[p]`` and ``state`` (``m``, ``v``, ``step``, ``losses``).
     """
-    if int(steps) < 0 or int(batch_size) < 1 or not lr > 0:
-        raise InputError(
-            f"need steps >= 0, batch_size >= 1 and lr > 0, got {steps}, {batch_size}, {lr}"
-        )
+    if not isinstance(config, AdamConfig):
+        raise InputError(f"config must be an AdamConfig, got {type(config).__name__}")
+    if subset is not None and weights is not None:
+        raise InputError("give subset or weights, not both")
+    t_start = time.perf_counter()
     obj = objective
+    cfg = config
     data = train if isinstance(train, Data) else Data(train, "training data")
     lam = _resolve_l2(obj, l2)
     if subset is None:
@@ -422,7 +494,8 @@ def fit_adam(
     m_points = int(index.numel())
     if m_points == 0:
         raise InputError("fit_adam: the training subset is empty")
-    b = min(int(batch_size), m_points)
+    w_all = _check_weights(weights, len(data), obj)
+    b = min(int(cfg.batch_size), m_points)
     if data.x is not None:
         x_all, y_all = obj.prepare(data.x, data.y, "training data")
     else:
@@ -438,43 +511,55 @@ def fit_adam(
     else:
         m, v, k0 = torch.zeros_like(theta), torch.zeros_like(theta), 0
 
-    def risk(th: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return obj.losses(th, x, y).mean() + _reg(th, lam)
+    def risk(th: torch.Tensor, x: torch.Tensor, y: torch.Tensor, wb: torch.Tensor | None):
+        vals = obj.losses(th, x, y)
+        if wb is None:
+            return vals.mean() + _reg(th, lam)
+        return (vals * wb).sum() / wb.sum().clamp_min(1e-300) + _reg(th, lam)
 
-    grad_fn = grad(risk, has_aux=False)
-    gen = torch.Generator().manual_seed(int(seed))
+    grad_fn = grad(risk)
+    gen = torch.Generator().manual_seed(int(cfg.seed))
     batches = _Batches(m_points, b, gen)
-    b1, b2 = betas
+    b1, b2 = cfg.betas
     losses: list[float] = []
     acc, acc_n = 0.0, 0
-    bar = tqdm(range(int(steps)), desc="Adam", disable=not progress, leave=False)
+    steps = int(cfg.steps)
+    bar = tqdm(range(steps), desc="Adam", disable=not cfg.progress, leave=False)
     with _held_eval(obj):
         for j in bar:
             k = k0 + j + 1  # 1-based Adam step (bias correction)
             idx = index[batches.next()].to(x_all.device)
             x, y = x_all[idx], y_all[idx]
-            if log_every:
+            wb = None if w_all is None else w_all[idx]
+            if cfg.log_every:
                 with torch.no_grad():
-                    acc += float(risk(theta, x, y))
+                    acc += float(risk(theta, x, y, wb))
                 acc_n += 1
-                if acc_n == log_every:
+                if acc_n == cfg.log_every:
                     losses.append(acc / acc_n)
                     acc, acc_n = 0.0, 0
-            g = grad_fn(theta, x, y)
-            rate = lr * (schedule(k - 1) if schedule is not None else 1.0)
+            g = grad_fn(theta, x, y, wb)
+            rate = cfg.lr * (cfg.schedule(k - 1) if cfg.schedule is not None else 1.0)
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             m_hat = m / (1 - b1**k)
             v_hat = v / (1 - b2**k)
-            theta = theta - rate * m_hat / (v_hat.sqrt() + eps)
+            theta = theta - rate * m_hat / (v_hat.sqrt() + cfg.eps)
+            if callback is not None:
+                callback(j + 1, theta)
     if not torch.isfinite(theta).all():
         raise SolverDivergedError(
             "Adam produced non-finite parameters; lower the learning rate or check the data"
         )
     _finish(obj, theta, load)
-    if return_state:
-        return theta, {"m": m, "v": v, "step": k0 + int(steps), "losses": losses}
-    return theta
+    info = FitInfo(
+        method="adam",
+        iterations=steps,
+        converged=True,
+        seconds=time.perf_counter() - t_start,
+        extra={"config": cfg.to_dict(), "global_step": k0 + steps},
+    )
+    return Fit(theta, info, {"m": m, "v": v, "step": k0 + steps, "losses": losses})
 
 
 # ---------------------------------------------------------------------------------- SVM
@@ -521,8 +606,7 @@ def fit_linear_svm(
     polish: bool = True,
     weights_mask: torch.Tensor | np.ndarray | None = None,
     random_state: int = 24,
-    return_info: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, FitInfo]:
+) -> Fit:
     """Exact linear SVM without bias: ``min_w (1/n) sum_i max(0, 1 - y_i w.x_i) + (l2/2)||w||^2``.
 
     Solved by scikit-learn's ``LinearSVC(loss="hinge", C=1/(n l2), fit_intercept=False)``
@@ -540,10 +624,10 @@ def fit_linear_svm(
         weights_mask: ``[n]`` booleans (or 0/1) of points to keep; the mean is over the kept
             points (``C = 1/(n_kept l2)``, the paper's leave-one-out refit).
         random_state: liblinear's seed (the paper used 24).
-        return_info: also return a :class:`FitInfo` with the gap and error bound.
 
     Returns:
-        ``w`` as a float64 ``[d]`` tensor (and the info).
+        A :class:`Fit`: ``w`` as a float64 ``[d]`` tensor and a :class:`FitInfo` with the
+        duality gap and the error bound.
     """
     from sklearn.svm import LinearSVC
 
@@ -604,29 +688,178 @@ def fit_linear_svm(
             "tol": tol,
         },
     )
-    out = torch.from_numpy(best_w.copy())
-    return (out, info) if return_info else out
+    return Fit(torch.from_numpy(best_w.copy()), info)
 
 
-# ---------------------------------------------------------------------------------- chord Newton
+# ---------------------------------------------------------------------------------- Newton
+def _batched(fn: Callable | None, single: bool, kind: str) -> Callable | None:
+    """Adapt a caller's closure on one ``[p]`` problem to the batched ``(rows)`` form."""
+    if fn is None or not single:
+        return fn
+    if kind == "grad":
+        return lambda th, rows: fn(th[0])[None]
+    if kind == "value":
+        return lambda th, rows: torch.as_tensor(fn(th[0])).reshape(1)
+    if kind == "solve":
+        return lambda th, g, rows: fn(th[0], g[0])[None]
+    return lambda g, rows: fn(g[0])[None]  # chord
+
+
+def newton_minimize(
+    grad: Callable[..., torch.Tensor],
+    theta0: torch.Tensor,
+    *,
+    solve: Callable[..., torch.Tensor] | None = None,
+    chord: Callable[..., torch.Tensor] | None = None,
+    value: Callable[..., torch.Tensor] | None = None,
+    tol: float = 1e-10,
+    max_iter: int = 100,
+    chord_rate: float = 0.5,
+) -> Fit:
+    """Minimise a smooth strongly convex function by damped Newton steps, to ``||grad|| <= tol``.
+
+    Each iteration, for every problem not yet converged:
+
+    1. with ``chord`` (a fixed preconditioner ``P ~ H^-1``, e.g. the inverse Hessian at a
+       nearby point): the chord step ``theta - P g`` is taken if it shrinks the gradient norm
+       by the factor ``chord_rate`` (one gradient evaluation, no solve);
+    2. otherwise the Newton direction ``d = solve(theta, g) ~ H(theta)^-1 g`` (or ``P g``
+       without ``solve``): the full step is taken if it halves the gradient norm (near the
+       optimum the function value cannot resolve the decrease in floating point), else a
+       backtracking line search halves ``t`` until the Armijo condition
+       ``f(theta - t d) <= f(theta) - 1e-4 t g.d`` holds (with ``value``) or the gradient
+       norm decreases (without). A problem whose step falls below ``1e-12`` is at its optimum
+       to round-off and is left there (``info.extra["stalled"]``).
+
+    Batched: with ``theta0 [K, p]`` the ``K`` problems run together and every closure gets the
+    rows it is asked about, ``grad(theta [a, p], rows [a]) -> [a, p]``,
+    ``value(theta, rows) -> [a]``, ``solve(theta, g, rows) -> [a, p]``,
+    ``chord(g, rows) -> [a, p]``; with ``theta0 [p]`` they take and return single vectors
+    (``grad(theta)``, ``value(theta)``, ``solve(theta, g)``, ``chord(g)``).
+
+    Returns:
+        A :class:`Fit` (theta of ``theta0``'s shape); ``info.converged`` when every problem
+        reached ``tol``; ``info.extra`` has per-problem ``iterations``, ``grad_norms`` and
+        ``converged``, and the numbers of chord and Newton steps.
+    """
+    if solve is None and chord is None:
+        raise InputError("newton_minimize needs solve (Newton steps), chord (chord steps) or both")
+    if not tol > 0 or int(max_iter) < 0:
+        raise InputError(f"need tol > 0 and max_iter >= 0, got tol={tol}, max_iter={max_iter}")
+    t_start = time.perf_counter()
+    single = theta0.ndim == 1
+    gr = _batched(grad, single, "grad")
+    val = _batched(value, single, "value")
+    sol = _batched(solve, single, "solve")
+    cho = _batched(chord, single, "chord")
+    th = theta0.detach().reshape(-1, theta0.shape[-1]).clone()
+    k = th.shape[0]
+    g = gr(th, torch.arange(k))
+    gn = g.norm(dim=1)
+    done = gn <= tol
+    stalled = torch.zeros(k, dtype=torch.bool)
+    iters = torch.zeros(k, dtype=torch.long)
+    n_chord = n_newton = 0
+    for _ in range(int(max_iter)):
+        act = (~done).nonzero()[:, 0]
+        if act.numel() == 0:
+            break
+        ta, ga, gna = th[act], g[act], gn[act]
+        new_t, new_g = ta.clone(), ga.clone()
+        ok = torch.zeros(act.numel(), dtype=torch.bool)
+        if cho is not None:
+            dc = cho(ga, act)
+            g1 = gr(ta - dc, act)
+            ok = g1.norm(dim=1) < chord_rate * gna
+            new_t[ok], new_g[ok] = ta[ok] - dc[ok], g1[ok]
+            n_chord += int(ok.sum())
+        bad = (~ok).nonzero()[:, 0]
+        if bad.numel():
+            rb, tb, gb, gnb = act[bad], ta[bad], ga[bad], gna[bad]
+            if sol is not None:
+                d = sol(tb, gb, rb)
+                g_full = gr(tb - d, rb)
+            else:
+                d, g_full = dc[bad], g1[bad]
+            accepted = g_full.norm(dim=1) <= 0.5 * gnb
+            t = torch.ones(bad.numel(), dtype=th.dtype)
+            slope = (gb * d).sum(1)
+            f0 = val(tb, rb) if val is not None else None
+            if f0 is None:  # the full step was evaluated: any decrease of ||grad|| will do
+                accepted |= g_full.norm(dim=1) < gnb
+            first = True
+            while True:
+                pend = (~accepted & (t >= 1e-12)).nonzero()[:, 0]
+                if pend.numel() == 0:
+                    break
+                if f0 is None or not first:
+                    t[pend] *= 0.5
+                first = False
+                c = tb[pend] - t[pend, None] * d[pend]
+                if f0 is not None:
+                    good = val(c, rb[pend]) <= f0[pend] - 1e-4 * t[pend] * slope[pend]
+                else:
+                    good = gr(c, rb[pend]).norm(dim=1) < gnb[pend]
+                accepted[pend[good & (t[pend] >= 1e-12)]] = True
+            full = g_full.norm(dim=1) <= 0.5 * gnb
+            searched = (accepted & ~full).nonzero()[:, 0]
+            step_t = tb - t[:, None] * d
+            g_new_b = g_full.clone()
+            if searched.numel():
+                g_new_b[searched] = gr(step_t[searched], rb[searched])
+            moved = accepted.nonzero()[:, 0]
+            new_t[bad[moved]], new_g[bad[moved]] = step_t[moved], g_new_b[moved]
+            n_newton += int(moved.numel())
+            stalled[rb[~accepted]] = True
+        th[act], g[act] = new_t, new_g
+        gn[act] = new_g.norm(dim=1)
+        iters[act] += 1
+        done = (gn <= tol) | stalled
+    conv = gn <= tol
+    info = FitInfo(
+        method="newton",
+        iterations=int(iters.max()) if k else 0,
+        converged=bool(conv.all()),
+        grad_norm=float(gn.max()) if k else 0.0,
+        seconds=time.perf_counter() - t_start,
+        extra={
+            "tol": tol,
+            "chord_steps": n_chord,
+            "newton_steps": n_newton,
+            "stalled": int(stalled.sum()),
+            "iterations": iters.tolist(),
+            "grad_norms": gn.tolist(),
+            "converged": conv.tolist(),
+        },
+    )
+    return Fit(th[0] if single else th, info)
+
+
 def fit_newton(
     objective: Objective,
     train: DataLike,
-    precondition: Callable[[torch.Tensor], torch.Tensor],
+    precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
     theta0: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     tol: float = 1e-12,
     max_iter: int = 100,
-) -> tuple[torch.Tensor, FitInfo]:
-    """Minimise ``R_w(theta) = (1/n) sum_i w_i loss_i + (l2/2)||theta||^2`` by chord-Newton steps.
+) -> Fit:
+    """Minimise ``R_w(theta) = (1/n) sum_i w_i loss_i + (l2/2)||theta||^2`` by Newton steps.
 
-    ``theta <- theta - P grad R_w(theta)`` with a fixed preconditioner ``P`` (typically the
-    inverse Hessian at theta-hat, e.g. ``Influence(..., solver="exact").solver.solve``). Near a
-    leave-one-out optimum ``P H`` is close to ``I`` and the iteration converges linearly with a
-    tiny rate, one gradient pass per step; a step that does not reduce ``||grad||`` is halved.
-    The preconditioner only changes the path: the result satisfies ``||grad R_w|| <= tol``.
+    :func:`newton_minimize` on the objective. With ``precondition`` (a fixed ``[k, p] -> [k, p]``
+    map ``P ~ H^-1``, typically the inverse Hessian at theta-hat, e.g.
+    ``Influence(..., solver="exact").solver.solve``) it takes chord steps
+    ``theta <- theta - P grad R_w(theta)``: near a leave-one-out optimum ``P H`` is close to
+    ``I`` and the iteration converges linearly with a tiny rate, one gradient pass per step.
+    Without, it forms the exact ``[p, p]`` Hessian of ``R_w`` (small ``p`` only) and takes
+    Newton steps with an Armijo line search (quadratic convergence for a strongly convex
+    smooth risk, e.g. logistic regression with ``l2 > 0``). Either way the result satisfies
+    ``||grad R_w|| <= tol`` when ``info.converged``.
+
+    Raises:
+        SolverDivergedError: the Hessian is singular or not positive definite (no
+            ``precondition``).
     """
-    t_start = time.perf_counter()
     obj = objective
     data = train if isinstance(train, Data) else Data(train, "training data")
     n = len(data)
@@ -636,43 +869,45 @@ def fit_newton(
         x, y = obj.prepare(x, y, "training data", start)
         chunks.append((x, y, None if w is None else w[start : start + x.shape[0]]))
 
-    def gradient(theta: torch.Tensor) -> torch.Tensor:
-        g = obj.l2 * theta
+    def risk(theta: torch.Tensor) -> torch.Tensor:
+        total = obj.regularizer(theta)
         for x, y, wc in chunks:
-            th = theta.detach().requires_grad_(True)
-            with torch.enable_grad():
-                vals = obj.losses(th, x, y)
-                if wc is not None:
-                    vals = vals * wc
-                (gp,) = torch.autograd.grad(vals.sum() / n, th)
-            g = g + gp
+            vals = obj.losses(theta, x, y)
+            total = total + (vals if wc is None else vals * wc).sum() / n
+        return total
+
+    def gradient(theta: torch.Tensor) -> torch.Tensor:
+        th = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(risk(th), th)
         return g
 
-    theta = (obj.theta if theta0 is None else theta0).detach().clone()
-    g = gradient(theta)
-    gnorm = float(g.norm())
-    it = 0
-    step = 1.0
-    while gnorm > tol and it < max_iter:
-        d = precondition(g.unsqueeze(0))[0]
-        cand = theta - step * d
-        g_c = gradient(cand)
-        if float(g_c.norm()) < gnorm:
-            theta, g, gnorm = cand, g_c, float(g_c.norm())
-            step = min(1.0, 2 * step)
-        else:
-            step /= 2
-            if step < 1e-6:
-                break
-        it += 1
-    info = FitInfo(
-        method="chord-newton",
-        iterations=it,
-        converged=gnorm <= tol,
-        grad_norm=gnorm,
-        objective=float("nan"),
-        function_evals=it + 1,
-        seconds=time.perf_counter() - t_start,
-        extra={"tol": tol},
-    )
-    return theta, info
+    def newton_direction(theta: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        h = torch.func.hessian(risk)(theta.detach())
+        chol, bad = torch.linalg.cholesky_ex(h)
+        if int(bad) != 0:
+            raise SolverDivergedError(
+                "Newton fit: the Hessian is not positive definite at the current weights (the "
+                "risk is not strongly convex here); use l2 > 0, fit_lbfgs, or a precondition"
+            )
+        return torch.cholesky_solve(g[:, None], chol)[:, 0]
+
+    theta = (obj.theta if theta0 is None else theta0).detach().to(obj.theta).clone()
+    with _held_eval(obj), torch.no_grad():
+        if precondition is not None:
+            return newton_minimize(
+                gradient,
+                theta,
+                chord=lambda g: precondition(g.unsqueeze(0))[0],
+                tol=tol,
+                max_iter=max_iter,
+                chord_rate=1.0,
+            )
+        return newton_minimize(
+            gradient,
+            theta,
+            solve=newton_direction,
+            value=lambda th: risk(th),
+            tol=tol,
+            max_iter=max_iter,
+        )

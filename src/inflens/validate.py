@@ -33,12 +33,10 @@ optimum the refits reach.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,10 +47,11 @@ from tqdm.auto import tqdm
 
 from .data import Data, DataLike
 from .errors import InputError
+from .fingerprint import tensors_fingerprint
 from .influence import Influence
-from .train import fit_adam, fit_lbfgs, loo_weights
+from .train import AdamConfig, Fit, fit_adam, fit_lbfgs, loo_weights
 
-__all__ = ["LOOResult", "correlations", "leave_one_out", "select_indices"]
+__all__ = ["LOOConfig", "LOOResult", "correlations", "leave_one_out", "select_indices"]
 
 Retrain = Callable[[torch.Tensor, torch.Tensor], Any]
 
@@ -210,14 +209,6 @@ def _measure_grad_norm(influence: Influence, theta: torch.Tensor, test: Data) ->
     return float((g / count).norm())
 
 
-def _fingerprint(*tensors: torch.Tensor) -> str:
-    """sha256 of the tensors' bytes (a checkpoint is only reused for the same model and test)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _load_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         return {"config": config, "done": {}, "reference": None}
@@ -239,51 +230,85 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class LOOConfig:
+    """What :func:`leave_one_out` removes and how it retrains (validated on creation).
+
+    Attributes:
+        indices: training indices to remove (implies ``select="given"``).
+        k: how many points to choose when ``indices`` is not given.
+        select: ``"top"`` (largest ``|predicted|``, the paper's choice), ``"random"`` or
+            ``"given"``.
+        retrain: ``"lbfgs"`` (exact refit, convex), ``"adam"`` (warm-started fixed-step runs,
+            non-convex) or a callable ``(keep_mask [n] bool, theta0 [p]) -> theta`` (or
+            ``-> (theta, info)``, or an :class:`inflens.train.Fit`).
+        seed: seed of random selection (the Adam mini-batch order is ``adam.seed``).
+        tol, max_iter: L-BFGS gradient-norm tolerance and iteration cap.
+        adam: steps, batch size, learning rate, schedule and seed of ``retrain="adam"``
+            (:class:`inflens.train.AdamConfig`).
+        optimizer_state: Adam state to warm-start from (moments and the global step, hence
+            the scheduled learning rate).
+        reference: also run the full-data reference (refit / continuation).
+        checkpoint: JSON file of finished refits; reloaded on restart (same settings only).
+        progress: progress bars.
+    """
+
+    indices: tuple[int, ...] | None = None
+    k: int = 20
+    select: str = "top"
+    retrain: str | Retrain = "lbfgs"
+    seed: int = 0
+    tol: float = 1e-10
+    max_iter: int = 1000
+    adam: AdamConfig = AdamConfig(steps=1000, batch_size=500, lr=1e-4)
+    optimizer_state: dict[str, Any] | None = None
+    reference: bool = True
+    checkpoint: str | os.PathLike | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.indices is not None:
+            idx = torch.as_tensor(self.indices, dtype=torch.long).reshape(-1)
+            object.__setattr__(self, "indices", tuple(int(i) for i in idx))
+            object.__setattr__(self, "select", "given")
+        if self.select not in ("top", "random", "given"):
+            raise InputError(f"select must be 'top', 'random' or 'given', got {self.select!r}")
+        if self.select == "given" and self.indices is None:
+            raise InputError("select='given' needs indices=...")
+        if not callable(self.retrain) and self.retrain not in ("lbfgs", "adam"):
+            raise InputError(f"retrain must be 'lbfgs', 'adam' or a callable, got {self.retrain!r}")
+        if int(self.k) < 1 or not float(self.tol) > 0 or int(self.max_iter) < 1:
+            raise InputError(
+                f"need k >= 1, tol > 0 and max_iter >= 1, got {self.k}, {self.tol}, {self.max_iter}"
+            )
+        if not isinstance(self.adam, AdamConfig):
+            raise InputError(f"adam must be an inflens.train.AdamConfig, got {type(self.adam)}")
+
+
 def leave_one_out(
     influence: Influence,
     test: DataLike,
-    indices: torch.Tensor | Sequence[int] | None = None,
-    k: int = 20,
-    select: str = "top",
-    retrain: str | Retrain = "lbfgs",
+    config: LOOConfig | None = None,
     *,
-    seed: int = 0,
-    tol: float = 1e-10,
-    max_iter: int = 1000,
-    steps: int = 1000,
-    batch_size: int = 500,
-    lr: float = 1e-4,
-    schedule: Callable[[int], float] | None = None,
-    optimizer_state: dict[str, Any] | None = None,
-    reference: bool = True,
     predicted: torch.Tensor | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    progress: bool = True,
 ) -> LOOResult:
     """Remove each chosen training point, retrain, and compare with the influence prediction.
 
     Args:
         influence: a fitted :class:`inflens.Influence`; its objective's theta is theta-hat.
         test: the test point(s) (``(X, y)``, Dataset, DataLoader); several = their mean.
-        indices: training indices to remove (implies ``select="given"``).
-        k: how many points to choose when ``indices`` is not given.
-        select: ``"top"`` (largest ``|predicted|``, the paper's choice), ``"random"`` or
-            ``"given"``.
-        retrain: ``"lbfgs"`` (exact refit, convex), ``"adam"`` (warm-started fixed-step runs,
-            non-convex) or a callable ``(keep_mask [n] bool, theta0 [p]) -> theta``.
-        seed: seed of random selection and of the Adam mini-batch order.
-        tol, max_iter: L-BFGS gradient-norm tolerance and iteration cap.
-        steps, batch_size, lr, schedule, optimizer_state: Adam settings (see
-            :func:`inflens.train.fit_adam`); ``optimizer_state`` warm-starts the moments and the
-            global step (and hence the scheduled learning rate).
-        reference: also run the full-data reference (refit / continuation).
+        config: which points and how to retrain (:class:`LOOConfig`; default: the 20 points
+            with the largest ``|predicted|``, exact L-BFGS refits).
         predicted: precomputed predictions ``[n]`` for every training point (skips scoring).
-        checkpoint: JSON file of finished refits; reloaded on restart (same settings only).
-        progress: progress bars.
 
     Returns:
-        A :class:`LOOResult`.
+        A :class:`LOOResult` (``info["config"]`` records the settings).
     """
+    cfg = LOOConfig() if config is None else config
+    if not isinstance(cfg, LOOConfig):
+        raise InputError(f"config must be a LOOConfig, got {type(cfg).__name__}")
+    select, retrain, seed, tol, max_iter = cfg.select, cfg.retrain, cfg.seed, cfg.tol, cfg.max_iter
+    progress, checkpoint, reference = cfg.progress, cfg.checkpoint, cfg.reference
     if not isinstance(influence, Influence):
         raise InputError(f"influence must be an inflens.Influence, got {type(influence).__name__}")
     influence._fitted()
@@ -294,12 +319,8 @@ def leave_one_out(
     theta_hat = obj.theta.detach().clone()
 
     # ---- predictions and the points to remove
-    if indices is not None:
-        select = "given"
     if select == "given":
-        if indices is None:
-            raise InputError("select='given' needs indices=...")
-        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        idx = torch.as_tensor(cfg.indices, dtype=torch.long).reshape(-1)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
             raise InputError(f"indices must lie in [0, {n - 1}]")
         pred_all = None
@@ -309,7 +330,7 @@ def leave_one_out(
         s = influence.s_test(test_data, mean=True)
         pred_all = (-influence.score(s) / n)[0]
     if select != "given":
-        idx = select_indices(pred_all, k, select, seed)
+        idx = select_indices(pred_all, cfg.k, select, seed)
     if pred_all is not None:
         pred = pred_all.reshape(-1)[idx]
     else:
@@ -323,6 +344,8 @@ def leave_one_out(
 
         def refit(keep: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
             out = retrain(keep, theta_hat.clone())
+            if isinstance(out, Fit):  # what every inflens.train trainer returns
+                out = (out.theta, out.info)
             theta, info = out if isinstance(out, tuple) else (out, {})
             if hasattr(info, "to_dict"):
                 info = info.to_dict()
@@ -334,13 +357,7 @@ def leave_one_out(
         def refit(keep: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
             w = None if bool(keep.all()) else loo_weights(n, ~keep, obj.dtype)
             theta, info = fit_lbfgs(
-                obj,
-                train,
-                theta0=theta_hat,
-                weights=w,
-                tol=tol,
-                max_iter=max_iter,
-                return_info=True,
+                obj, train, theta0=theta_hat, weights=w, tol=tol, max_iter=max_iter
             )
             d = info.to_dict()
             if obj.l2 > 0:
@@ -353,39 +370,35 @@ def leave_one_out(
         name = "adam"
 
         def refit(keep: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-            t0 = time.perf_counter()
-            theta = fit_adam(
+            fit = fit_adam(
                 obj,
                 train,
-                steps,
-                batch_size,
-                lr,
-                schedule=schedule,
-                seed=seed,
+                cfg.adam,
                 theta0=theta_hat,
-                state=optimizer_state,
+                state=cfg.optimizer_state,
                 subset=None if bool(keep.all()) else keep.nonzero()[:, 0],
             )
-            return theta, {"steps": steps, "seconds": time.perf_counter() - t0}
+            return fit.theta, {"steps": cfg.adam.steps, "seconds": fit.info.seconds}
 
     else:
         raise InputError(f"retrain must be 'lbfgs', 'adam' or a callable, got {retrain!r}")
 
-    config = {
-        "theta_hat_sha256": _fingerprint(theta_hat),
-        "test_sha256": _fingerprint(*test_data.get(torch.arange(len(test_data)))),
+    run_config = {
+        # a checkpoint is only reused for the same model and test points
+        "theta_hat_sha256": tensors_fingerprint(theta_hat, length=16),
+        "test_sha256": tensors_fingerprint(*test_data.get(torch.arange(len(test_data))), length=16),
         "n": n,
         "p": obj.p,
         "retrain": name,
         "indices": [int(i) for i in idx],
         "seed": seed,
         "tol": tol,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
+        "steps": cfg.adam.steps,
+        "batch_size": cfg.adam.batch_size,
+        "lr": cfg.adam.lr,
     }
     ck_path = Path(checkpoint) if checkpoint is not None else None
-    state = _load_checkpoint(ck_path, config) if ck_path else {"done": {}, "reference": None}
+    state = _load_checkpoint(ck_path, run_config) if ck_path else {"done": {}, "reference": None}
 
     base = _measure(influence, theta_hat, test_data)
     ref_value = None
@@ -417,7 +430,7 @@ def leave_one_out(
     infos = [state["done"][str(i)]["info"] for i in idx.tolist()]
     actual = values - base
     vs_ref = values - ref_value if ref_value is not None else None
-    summary: dict[str, Any] = {"refits": infos}
+    summary: dict[str, Any] = {"refits": infos, "config": run_config}
     if reference:
         summary["reference_info"] = state["reference"]["info"]
     bounds = [d.get("measurement_error_bound") for d in infos if "measurement_error_bound" in d]
@@ -434,3 +447,24 @@ def leave_one_out(
         retrain=name,
         info=summary,
     )
+
+
+# The field's attribution benchmarks (LDS, brittleness, mislabel detection) live in
+# inflens.evaluation; re-exported here so that ``inflens.validate`` holds every check.
+from .evaluation import (  # noqa: E402
+    LDSConfig,
+    LDSResult,
+    brittleness,
+    lds,
+    linear_datamodeling_score,
+    mislabel_detection,
+)
+
+__all__ += [
+    "LDSConfig",
+    "LDSResult",
+    "brittleness",
+    "lds",
+    "linear_datamodeling_score",
+    "mislabel_detection",
+]

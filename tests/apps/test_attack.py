@@ -1,4 +1,4 @@
-"""Training-set attacks: directions against eq. 5 and actual retraining, boxes, refits, engines."""
+"""Training-set attacks: directions against eq. 5 and actual retraining, boxes, refits, solvers."""
 
 from __future__ import annotations
 
@@ -7,17 +7,12 @@ import torch
 from torch import nn
 
 from inflens import Influence, Objective
-from inflens.apps.attack import (
-    PixelBox,
-    TrainingSetAttack,
-    eight_bit_level,
-    newton_refit,
-)
+from inflens.apps.attack import AttackConfig, PixelBox, TrainingSetAttack, eight_bit_level
 from inflens.errors import InputError
 from inflens.features import FeatureModel, SmallCNN, extract_features
 from inflens.models import LogisticRegression
 from inflens.solvers import CG
-from inflens.train import fit_lbfgs
+from inflens.train import fit_lbfgs, fit_newton
 
 DT = torch.float64
 L2 = 1e-2
@@ -35,7 +30,7 @@ def _problem(n: int = 40, m: int = 6, seed: int = 0):
     y = (score + 0.3 * score.std() * torch.randn(n + m, generator=g, dtype=DT) > 0).long()
     top = LogisticRegression(6, 1, dtype=DT)
     obj_top = Objective(top, "binary_logistic", l2=L2)
-    theta = fit_lbfgs(obj_top, (f[:n], y[:n]), tol=1e-12)
+    theta = fit_lbfgs(obj_top, (f[:n], y[:n]), tol=1e-12).theta
     obj_top.load_into_model(theta)
     model = FeatureModel(net, top)
     obj = Objective(model, "binary_logistic", l2=L2, params="top.")
@@ -64,15 +59,17 @@ def test_pixel_box() -> None:
 
 
 def test_newton_refit_reaches_the_optimum() -> None:
-    obj, _, _ = _problem()
+    """The Newton refit the attack uses (inflens.train's) lands on the L-BFGS optimum."""
     g = torch.Generator().manual_seed(1)
     f = torch.randn(50, 6, generator=g, dtype=DT)
     y = (torch.randn(50, generator=g) > 0).long()
     top = Objective(LogisticRegression(6, 1, dtype=DT), "binary_logistic", l2=L2)
-    theta = newton_refit(top, f, y, torch.zeros(6, dtype=DT), tol=1e-13)
-    grad = torch.func.grad(lambda th: top.risk(th, f, y))(theta)
-    assert float(grad.norm()) < 1e-12
-    torch.testing.assert_close(theta, fit_lbfgs(top, (f, y), tol=1e-12), rtol=1e-8, atol=1e-10)
+    fit = fit_newton(top, (f, y), theta0=torch.zeros(6, dtype=DT), tol=1e-13)
+    grad = torch.func.grad(lambda th: top.risk(th, f, y))(fit.theta)
+    assert fit.info.converged and float(grad.norm()) < 1e-12
+    assert fit.info.iterations <= 10  # quadratic convergence from zero
+    ref = fit_lbfgs(top, (f, y), tol=1e-12).theta
+    torch.testing.assert_close(fit.theta, ref, rtol=1e-8, atol=1e-10)
 
 
 def test_direction_is_eq5_and_matches_actual_retraining() -> None:
@@ -82,7 +79,7 @@ def test_direction_is_eq5_and_matches_actual_retraining() -> None:
     n = train[0].shape[0]
     target = (test[0][:1], test[1][:1])
     alpha = 1e-5
-    atk = TrainingSetAttack(obj, train, step=alpha, box=PixelBox(1.0, None, None))
+    atk = TrainingSetAttack(obj, train, AttackConfig(step=alpha, box=PixelBox(1.0, None, None)))
     order, l1 = atk.rank(target)
     i = int(order[0])
     res = atk.run(target, [i], iterations=1, early_stop=False)
@@ -100,16 +97,17 @@ def test_direction_is_eq5_and_matches_actual_retraining() -> None:
     x_p[i] = res.x_poisoned[0]
     f_p = extract_features(obj.model.features, x_p)
     top = Objective(LogisticRegression(6, 1, dtype=DT), "binary_logistic", l2=L2)
-    ref = fit_lbfgs(top, (f_p, train[1]), tol=1e-12)
+    ref = fit_lbfgs(top, (f_p, train[1]), tol=1e-12).theta
     torch.testing.assert_close(res.theta, ref, rtol=1e-7, atol=1e-9)
 
 
 def test_attack_respects_box_raises_loss_and_leaves_caller_untouched() -> None:
     obj, train, test = _problem()
     theta_before = obj.theta.clone()
+    params_before = {k: v.clone() for k, v in obj.model.state_dict().items()}
     x_before = train[0].clone()
     target = (test[0][:2], test[1][:2])
-    atk = TrainingSetAttack(obj, train, step=0.5 * eight_bit_level())
+    atk = TrainingSetAttack(obj, train, AttackConfig(step=0.5 * eight_bit_level()))
     order, _ = atk.rank(target)
     res = atk.run(target, order[:3], iterations=5, early_stop=False)
     d = res.delta.abs()
@@ -119,6 +117,8 @@ def test_attack_respects_box_raises_loss_and_leaves_caller_untouched() -> None:
     assert res.iterations == 5 and len(res.history) == 5
     assert res.feature_change is not None and res.feature_change.shape == (3,)
     torch.testing.assert_close(obj.theta, theta_before, rtol=0, atol=0)
+    for k, v in obj.model.state_dict().items():  # the caller's model is never written to
+        torch.testing.assert_close(v, params_before[k], rtol=0, atol=0)
     torch.testing.assert_close(train[0], x_before, rtol=0, atol=0)
     d_json = res.to_dict()
     assert d_json["indices"] == order[:3].tolist() and d_json["iterations"] == 5
@@ -130,7 +130,7 @@ def test_early_stop_when_the_prediction_flips() -> None:
     t = int(torch.nonzero(pred == test[1])[0, 0])
     target = (test[0][t : t + 1], test[1][t : t + 1])
     # a generous box, so that a flip is reachable
-    atk = TrainingSetAttack(obj, train, step=0.05, box=PixelBox(1.0))
+    atk = TrainingSetAttack(obj, train, AttackConfig(step=0.05, box=PixelBox(1.0)))
     order, _ = atk.rank(target)
     k, results = atk.run_schedule(target, order, iterations=60)
     assert k is not None, "a +-1 box on 8x8 images should flip a random test point"
@@ -147,15 +147,17 @@ def test_early_stop_when_the_prediction_flips() -> None:
     assert int(model(target[0]) > 0) != int(target[1][0])
 
 
-def test_closed_form_engine_equals_generic_engine() -> None:
+def test_default_solves_equal_plain_cg() -> None:
+    """The default (CG preconditioned by the clean exact inverse) against plain CG to 1e-13:
+    same ranking, same steps, same refitted theta."""
     obj, train, test = _problem()
     target = (test[0][:3], test[1][:3])
-    fast = TrainingSetAttack(obj, train, step=0.3 * eight_bit_level(), box=PixelBox(0.05))
+    cfg = AttackConfig(step=0.3 * eight_bit_level(), box=PixelBox(0.05))
+    fast = TrainingSetAttack(obj, train, cfg)
     generic = TrainingSetAttack(
-        obj, train, step=0.3 * eight_bit_level(), box=PixelBox(0.05), solver=CG(tol=1e-13)
+        obj, train, AttackConfig(**{**cfg.__dict__, "solver": CG(tol=1e-13)})
     )
-    assert type(fast.engine).__name__ == "_LogisticEngine"
-    assert type(generic.engine).__name__ == "_GenericEngine"
+    assert fast.describe()["retrain"] == "newton" and generic.describe()["query_solver"] == "cg"
     o1, l1 = fast.rank(target)
     o2, l2_ = generic.rank(target)
     assert o1.tolist() == o2.tolist()
@@ -164,6 +166,7 @@ def test_closed_form_engine_equals_generic_engine() -> None:
     r2 = generic.run(target, o1[:2], iterations=4, early_stop=False)
     torch.testing.assert_close(r1.x_poisoned, r2.x_poisoned, rtol=0, atol=1e-12)
     torch.testing.assert_close(r1.theta, r2.theta, rtol=1e-7, atol=1e-9)
+    assert fast.stats["chord_steps"] > 0  # the cheap chord steps did most of the refitting
 
 
 def test_whole_model_path_equals_feature_path() -> None:
@@ -172,8 +175,8 @@ def test_whole_model_path_equals_feature_path() -> None:
     target = (test[0][:1], test[1][:1])
     seq = nn.Sequential(obj.model.features, obj.model.top)
     obj_seq = Objective(seq, "binary_logistic", l2=L2, params="1.")
-    fast = TrainingSetAttack(obj, train, step=0.3 * eight_bit_level())
-    slow = TrainingSetAttack(obj_seq, train, step=0.3 * eight_bit_level(), tol=1e-11)
+    fast = TrainingSetAttack(obj, train, AttackConfig(step=0.3 * eight_bit_level()))
+    slow = TrainingSetAttack(obj_seq, train, AttackConfig(step=0.3 * eight_bit_level(), tol=1e-11))
     assert not slow.fast
     o1, l1 = fast.rank(target)
     o2, l2_ = slow.rank(target)
@@ -210,42 +213,23 @@ def test_input_errors() -> None:
     with pytest.raises(InputError, match="floating point"):
         TrainingSetAttack(obj, (torch.zeros(12, 3, 8, 8, dtype=torch.uint8), train[1]))
     with pytest.raises(InputError, match="retrain"):
-        TrainingSetAttack(obj, train, retrain="sgd")
-
-
-def test_logistic_engine_solves_with_a_stale_preconditioner() -> None:
-    """PCG preconditioned by H at another theta, and the direct fallback, equal a dense solve."""
-    from inflens.apps.attack import _LogisticEngine
-
-    g = torch.Generator().manual_seed(0)
-    f = torch.randn(60, 10, generator=g, dtype=DT)
-    theta_a = torch.randn(10, generator=g, dtype=DT)
-    theta_b = theta_a + 0.05 * torch.randn(10, generator=g, dtype=DT)
-    b = torch.randn(2, 10, generator=g, dtype=DT)
-
-    def dense(theta):
-        z = f @ theta
-        w = torch.sigmoid(z) * torch.sigmoid(-z)
-        return f.T @ (w[:, None] * f) / 60 + L2 * torch.eye(10, dtype=DT)
-
-    for max_pcg in (30, 0):  # 0: the preconditioner counts as stale, direct fallback
-        eng = _LogisticEngine(L2, 0.0, 1e-12, max_pcg=max_pcg)
-        eng._solve(theta_a, f, b, L2)  # factor at theta_a
-        x = eng._solve(theta_b, f, b, L2)
-        torch.testing.assert_close(x, torch.linalg.solve(dense(theta_b), b.T).T, rtol=1e-8, atol=0)
-    assert eng.stats["factorizations"] == 2
+        TrainingSetAttack(obj, train, AttackConfig(retrain="sgd"))
+    with pytest.raises(InputError, match="damping"):
+        AttackConfig(damping=-1.0)
+    with pytest.raises(InputError, match="step"):
+        AttackConfig(step=0.0)
 
 
 def test_run_many_equals_one_run_per_target() -> None:
     """The batched attacks (one matrix product for all of them, poisoned rows corrected per
     attack) are the per-target attacks: same steps, same early stops, same refits."""
     obj, train, test = _problem(n=40, m=6)
-    atk = TrainingSetAttack(obj, train, step=0.05, box=PixelBox(0.4))
+    atk = TrainingSetAttack(obj, train, AttackConfig(step=0.05, box=PixelBox(0.4)))
     targets = (test[0], test[1])
     ranked, _ = atk.rank_each(targets, top=3, strategy="per_target")
     for k in (1, 3):
         many = atk.run_many(targets, ranked[:, :k], iterations=25)
-        assert type(atk.engine).__name__ == "_LogisticEngine" and len(many) == 6
+        assert len(many) == 6
         for t, res in enumerate(many):
             one = atk.run((test[0][t : t + 1], test[1][t : t + 1]), ranked[t, :k], iterations=25)
             assert (res.iterations, res.success) == (one.iterations, one.success)
@@ -257,23 +241,28 @@ def test_run_many_equals_one_run_per_target() -> None:
             assert [h["n_flipped"] for h in res.history] == [h["n_flipped"] for h in one.history]
     # some attacks stop early and some run to the end, so the masking is exercised
     assert {r.iterations for r in many} != {25}
-    # no PCG step allowed: every solve falls back to the attack's own explicit Hessian
-    atk.engine.max_pcg = 0
-    before = atk.engine.stats["factorizations"]
-    direct = atk.run_many(targets, ranked[:, :k], iterations=25)
-    assert atk.engine.stats["factorizations"] - before > 6 * 5
-    for res, ref in zip(direct, many):
+    # the exact solver (a fresh factorisation per step) and L-BFGS refits: the same attacks
+    exact = TrainingSetAttack(
+        obj,
+        train,
+        AttackConfig(step=0.05, box=PixelBox(0.4), solver="exact", retrain="lbfgs", tol=1e-12),
+    )
+    few = (targets[0][:2], targets[1][:2])
+    for res, ref in zip(exact.run_many(few, ranked[:2, :k], iterations=25), many[:2]):
         assert (res.iterations, res.success) == (ref.iterations, ref.success)
-        torch.testing.assert_close(res.theta, ref.theta, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(res.x_poisoned, ref.x_poisoned, rtol=0, atol=1e-12)
+        torch.testing.assert_close(res.theta, ref.theta, rtol=1e-7, atol=1e-9)
     with pytest.raises(InputError, match="one row per target"):
         atk.run_many(targets, ranked[:3, :1])
     with pytest.raises(InputError, match="repeats"):
         atk.run_many(targets, torch.zeros(6, 2, dtype=torch.long))
 
 
-def test_run_many_without_the_closed_form_loops_over_run() -> None:
+def test_run_many_with_another_solver_equals_run() -> None:
     obj, train, test = _problem(n=24, m=2)
-    generic = TrainingSetAttack(obj, train, step=0.05, box=PixelBox(0.2), solver=CG(tol=1e-13))
+    generic = TrainingSetAttack(
+        obj, train, AttackConfig(step=0.05, box=PixelBox(0.2), solver=CG(tol=1e-13))
+    )
     ranked, _ = generic.rank_each((test[0], test[1]), top=2, strategy="per_target")
     many = generic.run_many((test[0], test[1]), ranked, iterations=3, early_stop=False)
     for t, res in enumerate(many):

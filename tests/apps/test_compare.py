@@ -36,7 +36,7 @@ def test_pixel_distances_and_spearman() -> None:
 
 def _lr(x, y):
     obj = Objective(LogisticRegression(x[0].numel(), 1, dtype=DT), "binary_logistic", l2=1e-2)
-    theta = fit_lbfgs(obj, (x.reshape(len(x), -1), y), tol=1e-12)
+    theta = fit_lbfgs(obj, (x.reshape(len(x), -1), y), tol=1e-12).theta
     obj.load_into_model(theta)
     return Objective(obj.model, "binary_logistic", l2=1e-2)
 

@@ -10,6 +10,7 @@ from torch.func import hessian
 
 from inflens import Influence, InputError, Objective
 from inflens.apps.mislabel import (
+    LabelFixingConfig,
     LabelFixingResult,
     flip_labels,
     logistic_leverage,
@@ -35,7 +36,7 @@ def _problem(n: int, p: int, seed: int = 0, sparse_counts: bool = False):
     y = ((x @ w + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)) > 0).long()
     obj = Objective(LogisticRegression(p, 1, dtype=torch.float64), "binary_logistic", l2=L2)
     # the closed forms hold at any theta, so the fit need not reach machine precision
-    theta = fit_lbfgs(obj, (x, y), tol=1e-10, max_iter=5000, on_fail="ignore", load=True)
+    theta = fit_lbfgs(obj, (x, y), tol=1e-10, max_iter=5000, on_fail="ignore", load=True).theta
     return obj, x, y, theta
 
 
@@ -124,7 +125,7 @@ def _sim_data(seed: int = 1):
 
 def test_simulation_ground_truths() -> None:
     obj, x, y, xt = _sim_data()
-    theta_clean = fit_lbfgs(obj, (x, y), tol=1e-12, max_iter=5000)
+    theta_clean = fit_lbfgs(obj, (x, y), tol=1e-12, max_iter=5000).theta
     yt = (xt @ theta_clean > 0).long()
 
     def oracle(o: Objective, train: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -134,14 +135,21 @@ def test_simulation_ground_truths() -> None:
         obj,
         (x, y),
         (xt, yt),
-        n_flipped=16,
-        check_counts=[8, 16, 40, 160],
-        methods={"oracle": oracle, "influence": "influence", "loss": "loss", "random": "random"},
-        repeats=2,
-        seed=5,
-        tol=1e-9,
-        max_iter=5000,
-        progress=False,
+        LabelFixingConfig(
+            n_flipped=16,
+            check_counts=[8, 16, 40, 160],
+            methods={
+                "oracle": oracle,
+                "influence": "influence",
+                "loss": "loss",
+                "random": "random",
+            },
+            repeats=2,
+            seed=5,
+            tol=1e-9,
+            max_iter=5000,
+            progress=False,
+        ),
     )
     assert isinstance(res, LabelFixingResult) and res.repeats == 2
     # the oracle finds min(c, flipped) flips exactly
@@ -165,17 +173,19 @@ def test_simulation_ground_truths() -> None:
 
 def test_simulation_influence_beats_random(tmp_path) -> None:
     obj, x, y, xt = _sim_data(seed=2)
-    yt = (xt @ fit_lbfgs(obj, (x, y), tol=1e-12, max_iter=5000) > 0).long()
+    yt = (xt @ fit_lbfgs(obj, (x, y), tol=1e-12, max_iter=5000).theta > 0).long()
     res = simulate_label_fixing(
         obj,
         (x, y),
         (xt, yt),
-        flip_fraction=0.1,
-        check_fractions=(0.1, 0.2),
-        methods=("influence", "random"),
-        repeats=3,
-        seed=0,
-        progress=False,
+        LabelFixingConfig(
+            flip_fraction=0.1,
+            check_fractions=(0.1, 0.2),
+            methods=("influence", "random"),
+            repeats=3,
+            seed=0,
+            progress=False,
+        ),
     )
     assert res.fixed["influence"].sum() > res.fixed["random"].sum()
     path = res.plot(tmp_path / "fig.png", title="t")
@@ -191,16 +201,16 @@ def test_simulation_budget_and_errors() -> None:
         obj,
         (x, y),
         (xt, yt),
-        check_fractions=(0.1,),
-        methods=("loss",),
-        repeats=5,
-        time_budget_s=0.0,
-        progress=False,
+        LabelFixingConfig(
+            check_fractions=(0.1,), methods=("loss",), repeats=5, time_budget_s=0.0, progress=False
+        ),
     )
     assert res.repeats == 1 and res.info["stopped_early"]
     with pytest.raises(InputError, match="flip_fraction"):
-        simulate_label_fixing(obj, (x, y), (xt, yt), flip_fraction=1.5)
+        LabelFixingConfig(flip_fraction=1.5)
     with pytest.raises(InputError, match="between 1 and"):
-        simulate_label_fixing(obj, (x, y), (xt, yt), check_counts=[0])
+        simulate_label_fixing(obj, (x, y), (xt, yt), LabelFixingConfig(check_counts=[0]))
     with pytest.raises(InputError, match="unknown method"):
-        simulate_label_fixing(obj, (x, y), (xt, yt), methods=("nope",))
+        LabelFixingConfig(methods=("nope",))
+    with pytest.raises(InputError, match="repeats"):
+        LabelFixingConfig(repeats=0)

@@ -56,7 +56,7 @@ def _fit(x, y, theta0=None, weights=None):
         max_iter=5000,
         on_fail="ignore",
         load=True,
-    )
+    ).theta
     return Objective(obj.model, "binary_logistic", l2=L2), theta
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from inflens import Objective
 from inflens.experiments import fig2_cnn as f2
-from inflens.train import fit_adam, piecewise_constant
+from inflens.train import AdamConfig, fit_adam, piecewise_constant
 
 DT = torch.float64
 
@@ -28,7 +28,8 @@ def _problem(n: int = 37, d: int = 6, c: int = 3, seed: int = 0):
 
 def _state(obj: Objective, x, y):
     """A short training run whose final Adam state the continuations start from."""
-    return fit_adam(obj, (x, y), 7, 8, 1e-2, seed=3, return_state=True)
+    fit = fit_adam(obj, (x, y), AdamConfig(7, 8, 1e-2, seed=3))
+    return fit.theta, fit.state
 
 
 def test_paired_adam_with_every_point_equals_fit_adam():
@@ -37,8 +38,9 @@ def test_paired_adam_with_every_point_equals_fit_adam():
     obj = Objective(model, "cross_entropy", l2=0.001, params=["0.weight", "2.weight"])
     theta, state = _state(obj, x, y)
     sched = piecewise_constant([10], [1.0, 0.1])
-    ref = fit_adam(obj, (x, y), 9, 8, 1e-2, schedule=sched, seed=17, theta0=theta, state=state)
-    paired = f2.PairedAdam(obj, x, y, state, 9, 8, 1e-2, sched, seed=17)
+    cfg = AdamConfig(9, 8, 1e-2, schedule=sched, seed=17)
+    ref = fit_adam(obj, (x, y), cfg, theta0=theta, state=state).theta
+    paired = f2.PairedAdam(obj, (x, y), state, cfg)
     got, info = paired(torch.ones(len(y), dtype=torch.bool), theta)
     assert info["steps"] == 9
     assert torch.allclose(got, ref, rtol=0, atol=1e-13)
@@ -52,7 +54,7 @@ def test_paired_adam_drops_the_removed_point_from_its_batches():
     model, x, y = _problem(seed=1)
     obj = Objective(model, "cross_entropy", l2=0.001)
     theta, state = _state(obj, x, y)
-    paired = f2.PairedAdam(obj, x, y, state, 1, 8, 1e-2, None, seed=5)
+    paired = f2.PairedAdam(obj, (x, y), state, AdamConfig(1, 8, 1e-2, seed=5))
     batch = paired.batches()[0]
     removed = int(batch[2])
     keep = torch.ones(len(y), dtype=torch.bool)
@@ -100,9 +102,14 @@ def test_trained_state_round_trip(tmp_path: Path):
     assert f2._load_trained(path, cfg, 12) is None
 
 
-def test_unknown_protocol_is_refused(tmp_path: Path):
+def test_unknown_protocol_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     with pytest.raises(ValueError, match="unknown protocol"):
         f2.run(None, tmp_path, protocol="fast")
+    # the protocol is an argument only: the old environment variable changes nothing
+    monkeypatch.setenv("INFLENS_FIG2_CNN_PROTOCOL", "fast")
+    import inspect
+
+    assert inspect.signature(f2.run).parameters["protocol"].default == "reduced"
 
 
 @pytest.mark.realdata

@@ -25,7 +25,7 @@ def test_newton_matches_fit_lbfgs(explicit: bool) -> None:
     y[:12] = 1 - y[:12]  # some label noise: not separable
     l2 = 1e-3
     obj = Objective(LogisticRegression(30, 1, dtype=torch.float64), "binary_logistic", l2=l2)
-    ref = fit_lbfgs(obj, (x, y), tol=1e-12, max_iter=20000, on_fail="ignore")
+    ref = fit_lbfgs(obj, (x, y), tol=1e-12, max_iter=20000, on_fail="ignore").theta
     problem = LogisticProblem(sp.csr_matrix(x.numpy()), l2, explicit_hessian=explicit)
     theta, info = problem.fit(y.numpy(), tol=1e-11)
     assert info.converged and info.grad_norm <= 1e-11
@@ -37,7 +37,7 @@ def test_newton_matches_fit_lbfgs(explicit: bool) -> None:
     assert float(gr.norm()) == pytest.approx(problem.grad_norm(theta, y.numpy()), abs=1e-12)
     # weighted (leave-one-out) fits agree too
     w = loo_weights(120, 7)
-    ref_w = fit_lbfgs(obj, (x, y), weights=w, tol=1e-12, max_iter=20000, on_fail="ignore")
+    ref_w = fit_lbfgs(obj, (x, y), weights=w, tol=1e-12, max_iter=20000, on_fail="ignore").theta
     theta_w, _ = problem.fit(y.numpy(), theta0=theta, weights=w.numpy(), tol=1e-11)
     np.testing.assert_allclose(theta_w, ref_w.numpy(), atol=1e-6)
 

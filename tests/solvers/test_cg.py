@@ -142,7 +142,7 @@ def test_preconditioner_must_be_a_solver() -> None:
         CG(preconditioner=3.0)
     with pytest.raises(inflens.InputError, match="cannot precondition"):
         CG(preconditioner=CG())
-    with pytest.raises(ValueError, match="unknown solver"):
+    with pytest.raises(ValueError, match="not known by name; use 'kfac', 'ekfac'"):
         CG(preconditioner="nope")
 
 

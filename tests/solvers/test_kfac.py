@@ -21,8 +21,8 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from cases import DT, MLP, Reference, fitted, rel_err
-from inflens.backends import VmapBackend
 from inflens import InflensWarning, Influence, InputError, Objective
+from inflens.backends import VmapBackend
 from inflens.solvers import EKFAC, KFAC, Arnoldi
 
 

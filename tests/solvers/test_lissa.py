@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 
 import pytest
 import torch
 
 import inflens
 from cases import Fitted, fitted, rel_err
-from inflens.errors import InputError, SolverDivergedError
+from inflens.errors import (
+    CurvatureError,
+    InflensWarning,
+    InputError,
+    NotFittedError,
+    SolverDivergedError,
+)
 from inflens.solvers import LiSSA
 
 DT = torch.float64
@@ -17,7 +25,9 @@ DT = torch.float64
 
 def _influence(case: Fitted, solver, damping: float = 0.0) -> inflens.Influence:
     c = case.case
-    obj = inflens.Objective(case.fresh_model(), c.loss, l2=c.l2, params=c.params, t=c.t)
+    obj = inflens.Objective(
+        case.fresh_model(), c.loss, l2=c.l2, params=c.params, t=c.t, backend=case.backend
+    )
     return inflens.Influence(
         obj, (case.x, case.y), solver=solver, damping=damping, progress=False
     ).fit()
@@ -201,3 +211,244 @@ def test_scale_probes_off_and_full_batch_skip_the_probe() -> None:
         assert info["scale"] == pytest.approx(1.5 * info["estimated_max_eigenvalue"])
     with pytest.raises(InputError, match="scale_probes"):
         LiSSA(scale_probes=-1)
+
+
+# ---------------------------------------------------------------------------- batched recursion
+def _example_hessians(case: Fitted) -> torch.Tensor:
+    """``[n, p, p]``: each training example's explicit Hessian, ``l2 I`` included (so the
+    mean over a mini-batch is that mini-batch's ``A_j``)."""
+    return torch.stack(
+        [
+            case.ref.hessian(case.theta, case.x[i : i + 1], case.y[i : i + 1])
+            for i in range(case.x.shape[0])
+        ]
+    )
+
+
+def _reference_chain(
+    hess: torch.Tensor, idx: torch.Tensor | None, v: torch.Tensor, scale: float, steps: int
+) -> list[torch.Tensor]:
+    """The per-vector recursion ``h_j = v + h_{j-1} - A_j h_{j-1} / scale`` on explicit
+    matrices (``A_j`` the mean of the sampled examples' Hessians, or ``hess`` itself when
+    ``idx`` is None), one right-hand side at a time; returns ``[h_1, ..., h_steps]`` stacked
+    over the rows of ``v``."""
+    out = []
+    for row in v:
+        h, hs = row.clone(), []
+        for j in range(steps):
+            a = hess if idx is None else hess[idx[j]].mean(0)
+            h = row + h - a @ h / scale
+            hs.append(h)
+        out.append(torch.stack(hs))
+    return [torch.stack([o[j] for o in out]) for j in range(steps)]
+
+
+def _checkpoints(max_depth: int) -> list[int]:
+    """The documented checkpoints: 50, then ceil(1.5 x the previous one), and max_depth."""
+    out = [min(50, max_depth)]
+    while out[-1] < max_depth:
+        out.append(min(math.ceil(1.5 * out[-1]), max_depth))
+    return out
+
+
+@pytest.mark.parametrize("name", ["logreg_multiclass", "mlp_tanh"])  # closed form, autograd
+@pytest.mark.parametrize("depth", [40, None])
+def test_batched_recursion_equals_the_per_vector_recursion(name: str, depth: int | None) -> None:
+    """All right-hand sides in one ``[k, p]`` recursion give what one-row solves with the same
+    seed give (same mini-batches, same stopping checkpoints); with a fixed depth both equal the
+    recursion written out on explicit per-example Hessians of the sampled mini-batches."""
+    case = fitted(name)
+    p = case.theta.numel()
+    lam_max = float(torch.linalg.eigvalsh(case.hess)[-1])
+    hess = _example_hessians(case)
+    scale = 2.0 * float(torch.linalg.eigvalsh(hess)[:, -1].max())  # every sample contracts
+    # the MLP's autograd steps are the slow ones: a shorter cap (rows then all stop there)
+    cap = 200 if name == "logreg_multiclass" else 120
+    lissa = LiSSA(depth=depth, scale=scale, batch_size=8, seed=5, tol=0.2, max_depth=cap)
+    _influence(case, lissa)
+    rhs = torch.randn(4, p, generator=torch.Generator().manual_seed(1), dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InflensWarning)  # short chains on purpose
+        batched = lissa.solve(rhs)
+        single = torch.cat([lissa.solve(rhs[i : i + 1]) for i in range(4)])
+    assert rel_err(batched, single) < 1e-12
+    if depth is None:
+        depths = lissa.diagnostics()["depths"]
+        assert depths[:4] == depths[4:]
+        if name == "logreg_multiclass":  # rows stop on their own: [200, 170, 200, 170]
+            assert len(set(depths[:4])) > 1
+        return
+    idx = lissa.sample_indices(0)
+    assert idx.shape == (depth, 8)
+    ref = _reference_chain(hess, idx, rhs, scale, depth)[-1] / scale
+    assert rel_err(batched, ref) < 1e-12
+    assert scale > lam_max  # not the trivial regime
+
+
+def test_automatic_depth_stops_at_the_documented_checkpoint_deterministic() -> None:
+    """Full batch: the estimate is ``h_J / scale`` at the checkpoints; each row stops at the
+    first one whose relative change is <= tol, and is then that accurate."""
+    case = fitted("logreg_multiclass")
+    p = case.theta.numel()
+    tol = 1e-6
+    lissa = LiSSA(batch_size=None, tol=tol)
+    _influence(case, lissa)
+    scale = lissa.diagnostics()["scale"]
+    rhs = torch.randn(3, p, generator=torch.Generator().manual_seed(2), dtype=DT)
+    got = lissa.solve(rhs)
+    chain = _reference_chain(case.hess, None, rhs, scale, 2000)
+    checks = _checkpoints(lissa.max_depth)
+    want_depth = []
+    for i in range(3):
+        prev = None
+        for c in checks:
+            est = chain[c - 1][i] / scale
+            if prev is not None and (est - prev).norm() <= tol * est.norm():
+                want_depth.append(c)
+                assert rel_err(got[i], est) < 1e-12
+                break
+            prev = est
+    assert lissa.diagnostics()["depths"] == want_depth
+    assert max(lissa.diagnostics()["relative_changes"]) <= tol
+    exact = torch.linalg.solve(case.hess, rhs.T).T
+    for i in range(3):  # the achieved accuracy: the change bounds the remaining error
+        assert 0 < rel_err(got[i], exact[i]) <= tol
+
+
+def test_automatic_depth_stops_at_the_documented_checkpoint_sampled() -> None:
+    """Mini-batches: the estimate at a checkpoint is the mean of ``h_j / scale`` since the
+    previous one; the rows stop where the documented rule says, and the result is within a
+    small multiple of tol of the exact solve."""
+    case = fitted("lissa_logreg")
+    p = case.theta.numel()
+    tol = 0.05
+    hess = _example_hessians(case)
+    lissa = LiSSA(batch_size=4, tol=tol, seed=3)
+    _influence(case, lissa)
+    scale = lissa.diagnostics()["scale"]
+    rhs = torch.randn(2, p, generator=torch.Generator().manual_seed(4), dtype=DT)
+    got = lissa.solve(rhs)
+    depths = lissa.diagnostics()["depths"]
+    steps = max(depths)
+    chain = torch.stack(_reference_chain(hess, lissa.sample_indices(0, steps), rhs, scale, steps))
+    checks = _checkpoints(lissa.max_depth)
+    for i in range(2):
+        prev, last = None, 0
+        for c in checks:
+            est = chain[last:c, i].mean(0) / scale
+            if prev is not None and (est - prev).norm() <= tol * est.norm():
+                assert depths[i] == c
+                assert rel_err(got[i], est) < 1e-10
+                break
+            prev, last = est, c
+        else:
+            raise AssertionError("the reference chain did not stop")
+    exact = torch.linalg.solve(case.hess, rhs.T).T
+    assert rel_err(got, exact) < 2 * tol
+
+
+# ---------------------------------------------------------------------------- diagnosis
+def _quadratic(eigs: list[float], sign: float, l2: float = 0.0):
+    """A linear model with loss ``sign * s^2 / 2``: ``H = sign * diag(eigs) + l2 I``
+    (``n = d`` rows ``x_i = sqrt(n eig_i) e_i``)."""
+    d = len(eigs)
+    x = torch.diag(torch.tensor(eigs, dtype=DT).mul(d).sqrt())
+    y = torch.zeros(d, dtype=DT)
+    model = torch.nn.Linear(d, 1, bias=False).to(DT)
+    with torch.no_grad():
+        model.weight.fill_(0.1)
+
+    def quad(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return sign * 0.5 * out[:, 0] ** 2
+
+    h = sign * torch.diag(torch.tensor(eigs, dtype=DT)) + l2 * torch.eye(d, dtype=DT)
+    return inflens.Objective(model, quad, l2=l2), (x, y), h
+
+
+@pytest.mark.parametrize(
+    "eigs,sign,what", [([3.0, 1.0, 0.5], -1.0, "indefinite"), ([2.0, 1.0, 0.0], 1.0, "singular")]
+)
+def test_indefinite_or_singular_hessian_is_refused_with_a_damping_that_works(
+    eigs: list[float], sign: float, what: str
+) -> None:
+    obj, train, h = _quadratic(eigs, sign)
+    # the suggestion lets the series converge within max_depth (2,000 here: a quick test)
+    refused = LiSSA(max_depth=2000)
+    with pytest.raises(CurvatureError, match=what) as err:
+        inflens.Influence(obj, train, solver=refused, progress=False).fit()
+    with pytest.raises(NotFittedError):  # a refused fit leaves nothing to solve with
+        refused.solve(torch.ones(1, 3, dtype=DT))
+    msg = str(err.value)
+    if what == "indefinite":
+        found = float(re.search(r"most negative eigenvalue about (\S+)", msg).group(1))
+        assert found == pytest.approx(-max(eigs), rel=1e-6)
+    suggested = float(re.search(r"damping=(\S+?)[\s)]", msg).group(1))
+    # the suggestion works: LiSSA (automatic depth, full batch) converges to the damped solve
+    v = torch.tensor([[1.0, -2.0, 0.5]], dtype=DT)
+    want = torch.linalg.solve(h + suggested * torch.eye(3, dtype=DT), v.T).T
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InflensWarning)
+        lissa = LiSSA(batch_size=None, tol=1e-3, max_depth=2000)
+        inf = inflens.Influence(obj, train, solver=lissa, damping=suggested, progress=False)
+        got = inf.fit().solver.solve(v)
+    assert rel_err(got, want) < 1e-3
+    assert lissa.diagnostics()["depths"][0] < lissa.max_depth
+
+
+def test_not_converging_by_max_depth_warns_with_a_damping_that_works() -> None:
+    """A smallest eigenvalue far below the largest: the series cannot converge in max_depth
+    steps; the warning names a damping with which it does."""
+    obj, train, h = _quadratic([4.0, 1.0, 0.001], 1.0)
+    v = torch.tensor([[1.0, -2.0, 0.5]], dtype=DT)
+    lissa = LiSSA(batch_size=None, tol=1e-3, max_depth=500)
+    inf = inflens.Influence(obj, train, solver=lissa, progress=False).fit()
+    with pytest.warns(InflensWarning, match="did not converge within max_depth=500") as rec:
+        inf.solver.solve(v)
+    suggested = float(re.search(r"damping=(\S+?)\s", str(rec[0].message)).group(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InflensWarning)
+        inf = inflens.Influence(obj, train, solver=lissa, damping=suggested, progress=False)
+        got = inf.fit().solver.solve(v)
+    want = torch.linalg.solve(h + suggested * torch.eye(3, dtype=DT), v.T).T
+    assert rel_err(got, want) < 1e-3
+
+
+def test_sampling_noise_warning_says_to_raise_the_batch_size() -> None:
+    case = fitted("lissa_logreg")
+    lissa = LiSSA(batch_size=1, tol=1e-4, max_depth=300, seed=0)
+    _influence(case, lissa)
+    with pytest.warns(InflensWarning, match="raise batch_size"):
+        lissa.solve(torch.ones(1, 3, dtype=DT))
+
+
+def test_defaults_and_the_paper_protocol() -> None:
+    d = LiSSA()
+    assert (d.depth, d.repeats, d.scale, d.batch_size, d.tol, d.max_depth) == (
+        None,
+        1,
+        None,
+        64,
+        0.05,
+        10_000,
+    )
+    with pytest.raises(InputError, match="tol"):
+        LiSSA(tol=0.0)
+    with pytest.raises(InputError, match="max_depth"):
+        LiSSA(max_depth=0)
+    with pytest.raises(InputError, match="batch_size"):
+        LiSSA(batch_size=0)
+
+
+def test_fitted_state_is_saved_and_restored(tmp_path) -> None:
+    """The automatic-depth solver round-trips through inflens.artifacts (tensors and JSON
+    values only) and, being seeded, gives identical scores after loading."""
+    case = fitted("logreg_multiclass")
+    inf = _influence(case, LiSSA(batch_size=8, seed=2))
+    test = (case.xt, case.yt)
+    want = inf.loss_influence(test)
+    inf.save(tmp_path / "fit")
+    c = case.case
+    obj = inflens.Objective(case.fresh_model(), c.loss, l2=c.l2, params=c.params, t=c.t)
+    back = inflens.Influence.load(tmp_path / "fit", obj, (case.x, case.y), progress=False)
+    assert isinstance(back.solver, LiSSA) and back.solver.depth is None
+    assert torch.equal(back.loss_influence(test), want)

@@ -1,7 +1,8 @@
 """Applications of influence functions, one use case per module (Sec. 5 of the paper)."""
 
-from . import attack, compare, mislabel, mismatch
+from . import attack, compare, labels, mislabel, mismatch
 from .mislabel import (
+    LabelFixingConfig,
     LabelFixingResult,
     logistic_leverage,
     logistic_self_influence,
@@ -13,11 +14,13 @@ from .mismatch import ErrorReport, compare_coefficients, explain_errors, wrongly
 
 __all__ = [
     "ErrorReport",
+    "LabelFixingConfig",
     "LabelFixingResult",
     "attack",
     "compare",
     "compare_coefficients",
     "explain_errors",
+    "labels",
     "logistic_leverage",
     "logistic_self_influence",
     "mislabel",

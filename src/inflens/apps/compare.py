@@ -39,6 +39,7 @@ from ..features import rbf_kernel_features
 from ..influence import Influence
 from ..models import LinearSVM
 from ..objective import Objective
+from .labels import as_classes, outputs_to_labels
 
 __all__ = ["Comparison", "RBFSVM", "compare_models", "pixel_distances", "rbf_svm", "spearman"]
 
@@ -352,11 +353,7 @@ def compare_models(
         obj = inf.objective
         with torch.no_grad():
             out = obj.outputs(obj.theta, torch.as_tensor(xt).to(obj.dtype))
-        if out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
-            pred = (out.reshape(-1) > 0).long()
-            truth = (torch.as_tensor(yt).reshape(-1) > 0).long()
-        else:
-            pred, truth = out.argmax(1), torch.as_tensor(yt).reshape(-1).long()
+        pred, truth = outputs_to_labels(out), as_classes(torch.as_tensor(yt))
         correct[name] = (pred == truth).cpu().numpy()
     return Comparison(
         scores=scores,
@@ -406,7 +403,7 @@ def rbf_svm(
     from ..train import fit_linear_svm
 
     f_train, f_test = rbf_kernel_features(x_train, x_test, gamma)
-    w, info = fit_linear_svm(f_train, y_train, l2=l2, return_info=True)
+    w, info = fit_linear_svm(f_train, y_train, l2=l2)
     model = LinearSVM(f_train.shape[1], dtype=torch.float64)
     with torch.no_grad():
         model.linear.weight.copy_(w.reshape(1, -1))

@@ -36,6 +36,7 @@ from ..data import Data, DataLike
 from ..errors import InputError
 from ..influence import Influence
 from ..objective import Objective
+from .labels import as_classes, predict_labels
 
 #: Ranking methods understood by :func:`rank_for_review` and :func:`simulate_label_fixing`.
 METHODS = ("influence", "influence_sigma1", "loss", "random")
@@ -44,8 +45,6 @@ METHODS = ("influence", "influence_sigma1", "loss", "random")
 Scorer = Callable[[Objective, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
 #: ``(objective, (x_train, y_train), theta0) -> theta``: minimise the regularised mean risk.
 Fitter = Callable[[Objective, tuple[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor]
-
-_BINARY = ("binary_logistic", "hinge", "smooth_hinge")
 
 
 def objective_at(objective: Objective, theta: torch.Tensor) -> Objective:
@@ -289,20 +288,6 @@ def rank_for_review(influence: Influence, method: str = "influence", seed: int =
 
 
 # ---------------------------------------------------------------------------------- simulation
-def predict_labels(objective: Objective, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Predicted labels: the sign of the logit for binary losses (as 0/1), argmax otherwise."""
-    with torch.no_grad():
-        out = objective.outputs(theta, x)
-    if objective.loss_name in _BINARY:
-        return (out.reshape(-1) > 0).long()
-    if objective.loss_name == "cross_entropy":
-        return out.argmax(1)
-    raise InputError(
-        f"cannot turn outputs of the loss {objective.loss_name!r} into labels; "
-        "pass predict=(outputs -> labels) to simulate_label_fixing"
-    )
-
-
 def flip_labels(
     y: torch.Tensor, indices: np.ndarray, rng: np.random.RandomState, num_classes: int | None = None
 ) -> torch.Tensor:
@@ -333,7 +318,7 @@ def _default_fitter(tol: float, max_iter: int) -> Fitter:
     def fit(obj: Objective, train: tuple[torch.Tensor, torch.Tensor], theta0: torch.Tensor):
         from ..train import fit_lbfgs  # trainers sit beside the influence engine
 
-        return fit_lbfgs(obj, train, theta0=theta0, tol=tol, max_iter=max_iter)
+        return fit_lbfgs(obj, train, theta0=theta0, tol=tol, max_iter=max_iter).theta
 
     return fit
 
@@ -473,26 +458,65 @@ def _as_pair(data: DataLike, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return d.get(torch.arange(len(d)))
 
 
+@dataclass(frozen=True)
+class LabelFixingConfig:
+    """Settings of :func:`simulate_label_fixing` (validated on creation).
+
+    Attributes:
+        flip_fraction: fraction of training labels flipped per repeat.
+        check_fractions: fractions of the training set checked (one refit each).
+        methods: names from :data:`METHODS`, or a mapping from a display name to a name or a
+            scorer ``(objective at theta, (x, y_flipped)) -> [n]`` (higher = check first).
+        repeats: independent repeats (seed ``seed + 2 r``).
+        seed: seed of the first repeat.
+        n_flipped, check_counts: exact numbers of points to flip and to check, overriding
+            ``flip_fraction`` and ``check_fractions`` (the paper used ``int(n/20) * k``).
+        fit: ``(objective, (x, y), theta0) -> theta`` minimising the regularised mean risk;
+            default :func:`inflens.train.fit_lbfgs` with ``tol`` (gradient 2-norm; 1e-8 as the
+            paper's scikit-learn fits) and ``max_iter``.
+        tol, max_iter: of the default fit.
+        solver: inverse-HVP solver of the built-in influence scorers.
+        num_classes: flip to a random other class of ``num_classes`` (default: binary flip).
+        predict: ``outputs -> labels`` for losses other than the built-in classifiers.
+        progress: progress bar.
+        time_budget_s: start no new repeat after this many seconds; the result then holds the
+            completed repeats only (``result.repeats``, ``result.info["stopped_early"]``).
+    """
+
+    flip_fraction: float = 0.1
+    check_fractions: Sequence[float] = (0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
+    methods: Sequence[str] | Mapping[str, str | Scorer] = ("influence", "loss", "random")
+    repeats: int = 10
+    seed: int = 0
+    n_flipped: int | None = None
+    check_counts: Sequence[int] | None = None
+    fit: Fitter | None = None
+    tol: float = 1e-8
+    max_iter: int = 1000
+    solver: Any = "exact"
+    num_classes: int | None = None
+    predict: Callable[[torch.Tensor], torch.Tensor] | None = None
+    progress: bool = True
+    time_budget_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.flip_fraction < 1:
+            raise InputError(f"flip_fraction must lie in (0, 1), got {self.flip_fraction}")
+        if self.repeats < 1:
+            raise InputError(f"repeats must be at least 1, got {self.repeats}")
+        if not float(self.tol) > 0 or int(self.max_iter) < 1:
+            raise InputError(f"need tol > 0 and max_iter >= 1, got {self.tol}, {self.max_iter}")
+        names = self.methods.values() if isinstance(self.methods, Mapping) else self.methods
+        for m in names:
+            if isinstance(m, str) and m not in METHODS:
+                raise InputError(f"unknown method {m!r}; use one of {', '.join(METHODS)}")
+
+
 def simulate_label_fixing(
     objective: Objective,
     train: DataLike,
     test: DataLike,
-    *,
-    flip_fraction: float = 0.1,
-    check_fractions: Sequence[float] = (0.05, 0.10, 0.15, 0.20, 0.25, 0.30),
-    methods: Sequence[str] | Mapping[str, str | Scorer] = ("influence", "loss", "random"),
-    repeats: int = 10,
-    seed: int = 0,
-    n_flipped: int | None = None,
-    check_counts: Sequence[int] | None = None,
-    fit: Fitter | None = None,
-    tol: float = 1e-8,
-    max_iter: int = 1000,
-    solver: Any = "exact",
-    num_classes: int | None = None,
-    predict: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    progress: bool = True,
-    time_budget_s: float | None = None,
+    config: LabelFixingConfig | None = None,
 ) -> LabelFixingResult:
     """Flip labels, check the top-ranked training points, fix, refit, measure (Sec. 5.4, Fig 6).
 
@@ -508,26 +532,18 @@ def simulate_label_fixing(
         objective: model, loss and l2 (:class:`inflens.Objective`); its current parameters are
             only the starting point of the first (clean) fit.
         train, test: the data with its true labels.
-        n_flipped, check_counts: exact numbers of points to flip and to check, overriding
-            ``flip_fraction`` and ``check_fractions`` (the paper used ``int(n/20) * k``).
-        methods: names from :data:`METHODS`, or a mapping from a display name to a name or a
-            scorer ``(objective at theta, (x, y_flipped)) -> [n]`` (higher = check first).
-        fit: ``(objective, (x, y), theta0) -> theta`` minimising the regularised mean risk;
-            default :func:`inflens.train.fit_lbfgs` with ``tol`` (gradient 2-norm; 1e-8 as the
-            paper's scikit-learn fits) and ``max_iter``.
-        solver: inverse-HVP solver of the built-in influence scorers.
-        num_classes: flip to a random other class of ``num_classes`` (default: binary flip).
-        predict: ``outputs -> labels`` for losses other than the built-in classifiers.
-        time_budget_s: start no new repeat after this many seconds; the result then holds the
-            completed repeats only (``result.repeats``, ``result.info["stopped_early"]``).
+        config: flips, checks, methods, repeats and refits (:class:`LabelFixingConfig`).
 
     Returns:
         A :class:`LabelFixingResult` (``.summary()``, ``.plot(path)``, ``.to_dict()``).
     """
-    if not 0 < flip_fraction < 1:
-        raise InputError(f"flip_fraction must lie in (0, 1), got {flip_fraction}")
-    if repeats < 1:
-        raise InputError(f"repeats must be at least 1, got {repeats}")
+    cfg = LabelFixingConfig() if config is None else config
+    if not isinstance(cfg, LabelFixingConfig):
+        raise InputError(f"config must be a LabelFixingConfig, got {type(cfg).__name__}")
+    flip_fraction, check_fractions, methods = cfg.flip_fraction, cfg.check_fractions, cfg.methods
+    repeats, seed, n_flipped, check_counts = cfg.repeats, cfg.seed, cfg.n_flipped, cfg.check_counts
+    solver, num_classes, predict, progress = cfg.solver, cfg.num_classes, cfg.predict, cfg.progress
+    time_budget_s = cfg.time_budget_s
     x_tr, y_tr = _as_pair(train, "training data")
     x_te, y_te = _as_pair(test, "test data")
     x_tr, y_tr = objective.prepare(x_tr, y_tr, "training data")
@@ -556,13 +572,12 @@ def simulate_label_fixing(
             scorers[name] = m
         else:
             raise InputError(f"method {name!r} must be a name or a callable, got {m!r}")
-    fitter = fit or _default_fitter(tol, max_iter)
+    fitter = cfg.fit or _default_fitter(cfg.tol, cfg.max_iter)
 
     def measure(theta: torch.Tensor) -> tuple[float, float]:
         with torch.no_grad():
             if predict is None:
-                pred = predict_labels(objective, theta, x_te)
-                truth = (y_te > 0).long() if objective.loss_name in _BINARY else y_te
+                pred, truth = predict_labels(objective, theta, x_te), as_classes(y_te)
             else:
                 pred, truth = predict(objective.outputs(theta, x_te)), y_te
             acc = float((pred == truth).double().mean())

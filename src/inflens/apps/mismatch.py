@@ -30,8 +30,7 @@ from ..data import Data, DataLike
 from ..errors import InputError
 from ..influence import Influence
 from ..objective import Objective
-
-_BINARY = ("binary_logistic", "hinge", "smooth_hinge")
+from .labels import as_classes, outputs_to_labels
 
 
 def predictions(
@@ -42,8 +41,9 @@ def predictions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted and true labels at ``objective.theta``: ``(pred [m], truth [m])``.
 
-    Binary losses predict ``1`` when the logit is positive (truth as 0/1, so labels in
-    {-1, +1} work too); ``cross_entropy`` predicts the argmax; other losses need ``predict``.
+    :func:`inflens.apps.labels.outputs_to_labels` (one logit: ``1`` when positive, truth as
+    0/1 so labels in {-1, +1} work too; several outputs: the argmax); regression losses need
+    ``predict``.
     """
     d = Data(data, "test data")
     preds, truths = [], []
@@ -54,17 +54,10 @@ def predictions(
             if predict is not None:
                 preds.append(torch.as_tensor(predict(out)).reshape(-1))
                 truths.append(y.reshape(-1))
-            elif objective.loss_name in _BINARY:
-                preds.append((out.reshape(-1) > 0).long())
-                truths.append((y.reshape(-1) > 0).long())
-            elif objective.loss_name == "cross_entropy":
-                preds.append(out.argmax(1))
-                truths.append(y.reshape(-1))
             else:
-                raise InputError(
-                    f"cannot turn outputs of the loss {objective.loss_name!r} into labels; "
-                    "pass predict=(outputs -> labels)"
-                )
+                loss = objective.loss_name if objective.builtin_loss else None
+                preds.append(outputs_to_labels(out, loss))
+                truths.append(as_classes(y))
     return torch.cat(preds), torch.cat(truths)
 
 

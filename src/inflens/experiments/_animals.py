@@ -37,11 +37,12 @@ import torch
 from torch import nn
 
 from .. import Objective
-from ..apps.attack import newton_refit
+from ..apps.labels import outputs_to_labels
 from ..datasets import cifar
 from ..datasets._files import cache_root
 from ..features import FeatureModel, cached_feature_cnn, extract_features
 from ..models import LogisticRegression
+from ..train import fit_newton
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -294,22 +295,22 @@ def fit_top(task: AnimalTask) -> None:
     obj = Objective(top, "binary_logistic", l2=L2)
     # Newton with the exact Hessian from zero (L-BFGS crawls on these nearly separable,
     # p ~ n problems); converges quadratically to a gradient norm below 1e-12
-    theta = newton_refit(
-        obj, task.f_train, task.y_train, torch.zeros(obj.p, dtype=torch.float64), 1e-12, 200
-    )
+    zeros = torch.zeros(obj.p, dtype=torch.float64)
+    fit = fit_newton(obj, (task.f_train, task.y_train), theta0=zeros, tol=1e-12, max_iter=200)
+    theta = fit.theta
     grad_norm = float(
         torch.func.grad(lambda th: obj.risk(th, task.f_train, task.y_train))(theta).norm()
     )
     task.theta = theta
     obj.load_into_model(theta)
     with torch.no_grad():
-        tr_logit = top(task.f_train)
-        te_logit = top(task.f_test)
+        tr_pred = outputs_to_labels(top(task.f_train))
+        te_pred = outputs_to_labels(top(task.f_test))
     task.top_info = {
         "grad_norm": grad_norm,
-        "train_accuracy": float(((tr_logit > 0).long() == task.y_train).double().mean()),
-        "test_accuracy": float(((te_logit > 0).long() == task.y_test).double().mean()),
-        "test_correct": int(((te_logit > 0).long() == task.y_test).sum()),
+        "train_accuracy": float((tr_pred == task.y_train).double().mean()),
+        "test_accuracy": float((te_pred == task.y_test).double().mean()),
+        "test_correct": int((te_pred == task.y_test).sum()),
         "n_test": int(task.y_test.numel()),
         "train_loss_with_reg": float(obj.risk(theta, task.f_train, task.y_train)),
         "test_loss": float(obj.losses(theta, task.f_test, task.y_test).mean()),

@@ -21,9 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.special import expit
 
 from ..errors import InputError
+from ..solvers._cg_core import conjugate_gradient
+from ..train import newton_minimize
 
 
 @dataclass
@@ -83,6 +86,10 @@ class LogisticProblem:
         w = np.ones(self.n) if weights is None else np.asarray(weights, dtype=np.float64)
         return ys, w
 
+    def _hessian_product(self, curv: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """``H v`` for the rows of ``v [a, p]``: ``X^T diag(curv) X v + l2 v``."""
+        return np.asarray(self.xt @ (curv[:, None] * (self.x @ v.T))).T + self.l2 * v
+
     def fit(
         self,
         y: Any,
@@ -93,21 +100,26 @@ class LogisticProblem:
     ) -> tuple[np.ndarray, NewtonInfo]:
         """Minimise ``R`` (``weights`` multiply the per-example losses) by damped Newton steps.
 
-        Stops when ``||grad R||_2 <= tol``. Steps: explicit Hessian solve, or CG on
-        ``H d = -g`` to relative residual ``min(0.1, sqrt(||g||))`` (superlinear); Armijo
-        backtracking, accepting a full step that lowers the gradient norm once the objective
-        no longer changes at float64 resolution.
+        :func:`inflens.train.newton_minimize` (Armijo line search; a full step that halves
+        the gradient norm is taken where the objective no longer changes at float64
+        resolution) until ``||grad R||_2 <= tol``. Newton directions: an explicit Hessian
+        solve, or conjugate gradients (:func:`inflens.solvers._cg_core.conjugate_gradient`)
+        on ``H d = g`` to relative residual ``min(0.1, sqrt(||g||))`` (superlinear).
         """
         ys, w = self._labels(y, weights)
         theta = np.zeros(self.p) if theta0 is None else np.array(theta0, dtype=np.float64)
-        theta = theta.reshape(-1)
-        f, g, s = self._parts(theta, ys, w)
+        last: dict[str, Any] = {}
         cg_steps = 0
-        for it in range(int(max_iter)):
-            gn = float(np.linalg.norm(g))
-            if gn <= tol:
-                return theta, NewtonInfo(it, gn, cg_steps, True)
-            curv = w * s * (1.0 - s) / self.n
+
+        def parts(th: torch.Tensor) -> tuple[float, np.ndarray, np.ndarray]:
+            key = th.numpy().tobytes()
+            if last.get("key") != key:  # the value and gradient of one theta share one pass
+                last["key"], last["parts"] = key, self._parts(th.numpy(), ys, w)
+            return last["parts"]
+
+        def solve(th: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+            nonlocal cg_steps
+            curv = w * (s := parts(th)[2]) * (1.0 - s) / self.n
             if self.explicit:
                 xd = (
                     self.x.multiply(curv[:, None])
@@ -116,38 +128,25 @@ class LogisticProblem:
                 )
                 h = np.asarray(self.xt @ xd)
                 h = 0.5 * (h + h.T) + self.l2 * np.eye(self.p)
-                d = np.linalg.solve(h, -g)
-            else:
-                d, steps = self._cg(curv, -g, min(0.1, np.sqrt(gn)) * gn)
-                cg_steps += steps
-            t, gd = 1.0, float(g @ d)
-            while True:
-                f2, g2, s2 = self._parts(theta + t * d, ys, w)
-                if f2 <= f + 1e-4 * t * gd:
-                    break
-                if f2 - f <= 1e-14 * abs(f) and np.linalg.norm(g2) < gn:
-                    break  # at float64 resolution of f: judge the step by the gradient
-                t *= 0.5
-                if t < 1e-12:
-                    return theta, NewtonInfo(it, gn, cg_steps, False)
-            theta = theta + t * d
-            f, g, s = f2, g2, s2
-        gn = float(np.linalg.norm(g))
-        return theta, NewtonInfo(int(max_iter), gn, cg_steps, gn <= tol)
+                return torch.from_numpy(np.linalg.solve(h, g.numpy()))
+            res = conjugate_gradient(
+                lambda v, rows: torch.from_numpy(self._hessian_product(curv, v.numpy())),
+                g,
+                tol=min(0.1, float(g.norm()) ** 0.5),
+                max_iter=20 * self.p,
+            )
+            cg_steps += int(res.iterations.sum())
+            return res.x
 
-    def _cg(self, curv: np.ndarray, b: np.ndarray, atol: float) -> tuple[np.ndarray, int]:
-        d = np.zeros_like(b)
-        r = b.copy()
-        q = r.copy()
-        rr = float(r @ r)
-        for k in range(1, 20 * self.p + 1):
-            hq = self.xt @ (curv * (self.x @ q)) + self.l2 * q
-            a = rr / float(q @ hq)
-            d += a * q
-            r -= a * hq
-            rr_new = float(r @ r)
-            if np.sqrt(rr_new) <= atol:
-                return d, k
-            q = r + (rr_new / rr) * q
-            rr = rr_new
-        return d, 20 * self.p
+        fit = newton_minimize(
+            lambda th: torch.from_numpy(parts(th)[1]),
+            torch.from_numpy(theta.reshape(-1)),
+            solve=solve,
+            value=lambda th: torch.tensor(parts(th)[0], dtype=torch.float64),
+            tol=tol,
+            max_iter=int(max_iter),
+        )
+        info = fit.info
+        return fit.theta.numpy(), NewtonInfo(
+            info.iterations, info.grad_norm, cg_steps, info.converged
+        )

@@ -20,7 +20,7 @@ from torch import nn
 from .. import Influence, Objective
 from ..solvers import LiSSA
 from ..train import fit_lbfgs, fit_newton, loo_weights
-from ..validate import leave_one_out
+from ..validate import LOOConfig, leave_one_out
 
 L2 = 0.01
 
@@ -113,7 +113,7 @@ def _run_demo(out: Path, n_loo: int, seed: int, progress: bool, t0: float) -> di
     model = nn.Linear(d, 10, bias=False).double()
     nn.init.zeros_(model.weight)
     obj = Objective(model, "cross_entropy", l2=L2)
-    theta = fit_lbfgs(obj, (xtr, ytr), tol=1e-8)
+    theta = fit_lbfgs(obj, (xtr, ytr), tol=1e-8).theta
     obj.load_into_model(theta)
     obj = Objective(model, "cross_entropy", l2=L2)
     # polish to ||grad|| <= 1e-12 with Newton steps (the exact Hessian as preconditioner)
@@ -151,7 +151,9 @@ def _run_demo(out: Path, n_loo: int, seed: int, progress: bool, t0: float) -> di
         # minimised to ||grad|| <= 1e-12 (chord-Newton steps preconditioned by H^-1 at theta-hat)
         return fit_newton(obj, (xtr, ytr), exact.solver.solve, theta0, loo_weights(n, ~keep))
 
-    loo = leave_one_out(exact, test, k=n_loo, select="top", retrain=refit, progress=progress)
+    loo = leave_one_out(
+        exact, test, LOOConfig(k=n_loo, select="top", retrain=refit, progress=progress)
+    )
     t_loo = time.perf_counter() - t1
     idx = np.asarray(loo.indices)
     lissa_on_loo = pred_lissa.numpy()[idx]

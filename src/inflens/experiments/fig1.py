@@ -160,7 +160,7 @@ def run(data_dir: Path | None, out: Path, quick: bool = False, progress: bool = 
 
     model = LogisticRegression(d, 1, dtype=torch.float64)
     obj = Objective(model, "binary_logistic", l2=L2)
-    theta, fit = fit_lbfgs(obj, (x, y), tol=1e-10, max_iter=2000, return_info=True, load=True)
+    theta, fit = fit_lbfgs(obj, (x, y), tol=1e-10, max_iter=2000, load=True)
     _log(progress, f"[{NAME}] L-BFGS: {fit.iterations} iterations, |grad| = {fit.grad_norm:.1e}")
     with torch.no_grad():
         margin_test = float((2.0 * yt.double() - 1) * (xt @ theta))

@@ -29,7 +29,7 @@ Choices (documented in docs/reproduction/fig2-cnn.md):
   continuations with different seeds (``unpaired_noise``) shows the batch-order noise an
   unpaired protocol would add.
 
-Protocols (``run(..., protocol=...)`` or the environment variable ``INFLENS_FIG2_CNN_PROTOCOL``):
+Protocols (``run(..., protocol=...)``, on the command line ``--protocol``):
 ``"full"`` is the paper's (500k training steps, 30k retraining steps; days on a CPU core),
 ``"reduced"`` (4k training steps, 120 retraining steps) and ``"reduced-240"`` (240 retraining
 steps) are shortened schedules (see :data:`PROTOCOLS`), ``"quick"`` is the CI smoke test.
@@ -38,9 +38,8 @@ steps) are shortened schedules (see :data:`PROTOCOLS`), ``"quick"`` is the CI sm
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +50,12 @@ from torch.func import grad
 from .. import Influence, Objective
 from ..datasets import load_mnist, mnist_paper_split, small_subset
 from ..errors import CurvatureError
+from ..fingerprint import json_fingerprint
 from ..models import PaperCNN
 from ..plots import new_figure, save_figure, scatter_predicted_actual
 from ..solvers import CG
-from ..train import fit_adam, piecewise_constant
-from ..validate import correlations, leave_one_out
+from ..train import AdamConfig, batch_sequence, fit_adam, piecewise_constant
+from ..validate import LOOConfig, correlations, leave_one_out
 
 NAME = "fig2-cnn"
 DESCRIPTION = (
@@ -66,7 +66,6 @@ DESCRIPTION = (
 L2 = 0.001
 DAMPING = 0.01
 TEST_INDEX = 6558
-ENV_PROTOCOL = "INFLENS_FIG2_CNN_PROTOCOL"
 
 
 @dataclass(frozen=True)
@@ -155,11 +154,11 @@ PROTOCOLS: dict[str, Protocol] = {
 class PairedAdam:
     """Warm-started Adam continuation on the training points of a ``keep`` mask.
 
-    Replays one mini-batch sequence (a TensorFlow-style ``next_batch``: sequential passes over a
-    seeded permutation of all ``n`` indices, reshuffled each epoch) whatever the mask, so that
-    every retrain and the full-data continuation see the same batches; removed points get
-    weight 0 in the batch mean. The Adam update is that of :func:`inflens.train.fit_adam`
-    (bias-corrected moments, ``eps`` added to ``sqrt(v_hat)``), resumed from ``state``.
+    :func:`inflens.train.fit_adam` with example weights ``keep``: the mini-batch sequence (a
+    TensorFlow-style ``next_batch`` over a seeded permutation of all ``n`` indices, reshuffled
+    each epoch) is the same whatever the mask, so every retrain and the full-data continuation
+    see the same batches; removed points get weight 0 in the batch mean. Resumed from
+    ``state`` (moments, step count, hence the decayed learning rate).
 
     Called as ``retrain(keep [n] bool, theta0 [p]) -> (theta, info)`` by
     :func:`inflens.validate.leave_one_out`. With ``snapshots`` (step counts) and ``measure``
@@ -172,73 +171,41 @@ class PairedAdam:
     def __init__(
         self,
         objective: Objective,
-        x: torch.Tensor,
-        y: torch.Tensor,
+        train: tuple[torch.Tensor, torch.Tensor],
         state: dict[str, Any],
-        steps: int,
-        batch_size: int,
-        lr: float,
-        schedule: Any,
-        seed: int,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        config: AdamConfig,
         snapshots: tuple[int, ...] = (),
         measure: Any = None,
     ) -> None:
+        self.obj, self.train, self.state, self.config = objective, train, state, config
         self.snapshots = {int(s_) for s_ in snapshots}
         self.measure = measure
-        self.obj, self.x, self.y = objective, x, y
-        self.state, self.steps, self.b = state, int(steps), int(batch_size)
-        self.lr, self.schedule, self.seed = lr, schedule, int(seed)
-        self.betas, self.eps = betas, eps
-        self.n = int(x.shape[0])
-        obj = objective
-
-        def risk(th: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor):
-            return (obj.losses(th, xb, yb) * wb).sum() / wb.sum() + obj.regularizer(th)
-
-        self._grad = grad(risk)
 
     def batches(self) -> list[torch.Tensor]:
         """The index batches of one continuation (identical for every call)."""
-        g = torch.Generator().manual_seed(self.seed)
-        perm, pos, out = torch.randperm(self.n, generator=g), 0, []
-        for _ in range(self.steps):
-            if pos + self.b <= self.n:
-                out.append(perm[pos : pos + self.b])
-                pos += self.b
-            else:  # a batch crossing the epoch end: the rest, then the next permutation
-                rest = perm[pos:]
-                perm = torch.randperm(self.n, generator=g)
-                pos = self.b - rest.numel()
-                out.append(torch.cat([rest, perm[:pos]]))
-            if pos == self.n:
-                perm, pos = torch.randperm(self.n, generator=g), 0
-        return out
+        cfg = self.config
+        return batch_sequence(int(self.train[1].shape[0]), cfg.batch_size, cfg.steps, cfg.seed)
 
     def __call__(self, keep: torch.Tensor, theta0: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        t0 = time.perf_counter()
-        b1, b2 = self.betas
-        theta = theta0.detach().clone()
-        m = self.state["m"].detach().to(theta).clone()
-        v = self.state["v"].detach().to(theta).clone()
-        k0 = int(self.state["step"])
-        weight = keep.to(theta.dtype)
         snaps: dict[str, float] = {}
-        for j, idx in enumerate(self.batches()):
-            wb = weight[idx]
-            g = self._grad(theta, self.x[idx], self.y[idx], wb)
-            k = k0 + j + 1
-            rate = self.lr * (self.schedule(k - 1) if self.schedule is not None else 1.0)
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            theta = theta - rate * (m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + self.eps)
-            if j + 1 in self.snapshots and self.measure is not None:
-                snaps[str(j + 1)] = float(self.measure(theta))
-        info: dict[str, Any] = {"steps": self.steps, "seconds": time.perf_counter() - t0}
+
+        def snapshot(step: int, theta: torch.Tensor) -> None:
+            if step in self.snapshots and self.measure is not None:
+                snaps[str(step)] = float(self.measure(theta))
+
+        fit = fit_adam(
+            self.obj,
+            self.train,
+            self.config,
+            theta0=theta0,
+            state=self.state,
+            weights=keep.to(theta0.dtype),
+            callback=snapshot,
+        )
+        info: dict[str, Any] = {"steps": self.config.steps, "seconds": fit.info.seconds}
         if snaps:
             info["snapshots"] = snaps
-        return theta, info
+        return fit.theta, info
 
 
 def _fingerprint(cfg: Protocol) -> str:
@@ -252,7 +219,7 @@ def _fingerprint(cfg: Protocol) -> str:
         "init_seed",
         "train_seed",
     )
-    return json.dumps({k: asdict(cfg)[k] for k in keys}, sort_keys=True)
+    return json_fingerprint({k: asdict(cfg)[k] for k in keys})
 
 
 def _save_trained(path: Path, cfg: Protocol, theta: torch.Tensor, state: dict) -> None:
@@ -366,7 +333,7 @@ def run(
     out: Path,
     quick: bool = False,
     progress: bool = True,
-    protocol: str | None = None,
+    protocol: str = "reduced",
 ) -> dict[str, Any]:
     """Run the Fig. 2 (right) reproduction; writes ``fig2_cnn.png`` and ``metrics.json``.
 
@@ -375,11 +342,11 @@ def run(
         out: output folder (``loo_checkpoint.json`` there makes the retraining resumable).
         quick: the CI smoke test (protocol ``"quick"``).
         progress: print progress.
-        protocol: ``"reduced"`` (default), ``"full"`` (the paper's 500k + 100 x 30k steps) or
-            ``"quick"``; default from ``$INFLENS_FIG2_CNN_PROTOCOL``, else ``"reduced"``.
+        protocol: ``"reduced"`` (default), ``"reduced-240"``, ``"full"`` (the paper's 500k +
+            100 x 30k steps) or ``"quick"`` (``quick=True`` implies ``"quick"``).
     """
     t_start = time.perf_counter()
-    key = "quick" if quick else (protocol or os.environ.get(ENV_PROTOCOL) or "reduced")
+    key = "quick" if quick else protocol
     if key not in PROTOCOLS:
         raise ValueError(f"unknown protocol {key!r}; use one of {', '.join(PROTOCOLS)}")
     cfg = PROTOCOLS[key]
@@ -416,18 +383,20 @@ def run(
         theta_tilde, state = loaded
         _log(progress, f"  loaded theta-tilde and its Adam state from {cache}")
     else:
-        theta_tilde, state = fit_adam(
+        trained = fit_adam(
             obj,
             (x, y),
-            cfg.train_steps,
-            cfg.batch_size,
-            cfg.lr,
-            schedule=schedule,
-            seed=cfg.train_seed,
-            return_state=True,
-            log_every=max(1, cfg.train_steps // 50),
-            progress=progress,
+            AdamConfig(
+                cfg.train_steps,
+                cfg.batch_size,
+                cfg.lr,
+                schedule=schedule,
+                seed=cfg.train_seed,
+                log_every=max(1, cfg.train_steps // 50),
+                progress=progress,
+            ),
         )
+        theta_tilde, state = trained.theta, trained.state
         _save_trained(cache, cfg, theta_tilde, state)
     timings["train"] = time.perf_counter() - t
     obj.load_into_model(theta_tilde)
@@ -491,38 +460,27 @@ def run(
             return float(obj.losses(theta.detach(), *test)[0])
 
     horizons = tuple(sorted({*cfg.report_steps, cfg.retrain_steps}))
-    retrain = PairedAdam(
-        obj,
-        x,
-        y,
-        state,
-        cfg.retrain_steps,
-        cfg.batch_size,
-        cfg.lr,
-        schedule,
-        cfg.retrain_seed,
-        snapshots=horizons,
-        measure=measure,
+    retrain_cfg = AdamConfig(
+        cfg.retrain_steps, cfg.batch_size, cfg.lr, schedule=schedule, seed=cfg.retrain_seed
     )
+    retrain = PairedAdam(obj, (x, y), state, retrain_cfg, snapshots=horizons, measure=measure)
     loo = leave_one_out(
         inf,
         test,
-        k=cfg.k,
-        select="top",
-        retrain=retrain,
+        LOOConfig(
+            k=cfg.k,
+            select="top",
+            retrain=retrain,
+            seed=cfg.retrain_seed,
+            adam=retrain_cfg,
+            checkpoint=out / "loo_checkpoint.json",
+            progress=progress,
+        ),
         predicted=pred_all,
-        seed=cfg.retrain_seed,
-        steps=cfg.retrain_steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        checkpoint=out / "loo_checkpoint.json",
-        progress=progress,
     )
     timings["retrain"] = time.perf_counter() - t
     # batch-order noise of an unpaired protocol: a continuation with another seed
-    other = PairedAdam(
-        obj, x, y, state, cfg.retrain_steps, cfg.batch_size, cfg.lr, schedule, cfg.retrain_seed + 1
-    )
+    other = PairedAdam(obj, (x, y), state, replace(retrain_cfg, seed=cfg.retrain_seed + 1))
     theta_other, _ = other(torch.ones(n, dtype=torch.bool), obj.theta)
     with torch.no_grad():
         loss_other = float(obj.losses(theta_other, *test)[0])

@@ -336,9 +336,7 @@ def run(
     t = time.perf_counter()
     model = LogisticRegression(d, CLASSES, dtype=torch.float64)
     obj = Objective(model, "cross_entropy", l2=L2)
-    theta0, info = fit_lbfgs(
-        obj, (x, y), tol=1e-9, max_iter=3000, on_fail="ignore", return_info=True
-    )
+    theta0, info = fit_lbfgs(obj, (x, y), tol=1e-9, max_iter=3000, on_fail="ignore")
     w0 = theta0.view(CLASSES, d)
     timings["lbfgs"] = time.perf_counter() - t
     _log(progress, f"  L-BFGS: {info.iterations} it, ||grad|| {info.grad_norm:.2e}")

@@ -33,7 +33,7 @@ from ..losses import signed_labels, smooth_hinge_value
 from ..models import LinearSVM
 from ..plots import new_figure, save_figure, scatter_predicted_actual
 from ..train import fit_linear_svm
-from ..validate import correlations, leave_one_out
+from ..validate import LOOConfig, correlations, leave_one_out
 
 NAME = "fig3"
 DESCRIPTION = (
@@ -149,7 +149,7 @@ def run(data_dir: Path | None, out: Path, quick: bool = False, progress: bool = 
     _log(progress, f"[{NAME}] n={n}, test set {len(d17['y_test'])}, test index {TEST_INDEX}")
 
     # ---- the hinge-trained SVM (exact)
-    w, fit = fit_linear_svm(xtr, ytr, L2, return_info=True)
+    w, fit = fit_linear_svm(xtr, ytr, L2)
     margins = y.double() * (x @ w)
     m_test = float(yt.double() * (xt @ w))
     _log(
@@ -172,17 +172,19 @@ def run(data_dir: Path | None, out: Path, quick: bool = False, progress: bool = 
 
     # ---- exact leave-one-out refits of the hinge SVM for the top-k under t = 0
     def svm_refit(keep: torch.Tensor, theta0: torch.Tensor):
-        return fit_linear_svm(xtr, ytr, L2, weights_mask=keep.numpy(), return_info=True)
+        return fit_linear_svm(xtr, ytr, L2, weights_mask=keep.numpy())
 
     loo = leave_one_out(
         infs[0.0],
         test,
-        k=k,
-        select="top",
-        retrain=svm_refit,
+        LOOConfig(
+            k=k,
+            select="top",
+            retrain=svm_refit,
+            progress=progress,
+            checkpoint=out / ("loo_checkpoint_quick.json" if quick else "loo_checkpoint.json"),
+        ),
         predicted=pred_all[0.0],
-        progress=progress,
-        checkpoint=out / ("loo_checkpoint_quick.json" if quick else "loo_checkpoint.json"),
     )
     idx = loo.indices
     actual = loo.actual.numpy()

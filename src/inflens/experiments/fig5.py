@@ -43,7 +43,14 @@ import torch
 from torch import nn
 
 from .. import Objective
-from ..apps.attack import PAPER_SCHEDULE, PixelBox, TrainingSetAttack, eight_bit_level
+from ..apps.attack import (
+    PAPER_SCHEDULE,
+    AttackConfig,
+    PixelBox,
+    TrainingSetAttack,
+    eight_bit_level,
+)
+from ..apps.labels import outputs_to_labels
 from . import _animals
 
 NAME = "fig5"
@@ -96,8 +103,7 @@ def _individual(
     task: _animals.AnimalTask,
     targets: torch.Tensor,
     ranked: torch.Tensor,
-    iterations: int,
-    step: float,
+    schedule: tuple[int, float, PixelBox],
     log: Path,
     progress: bool,
 ) -> list[dict[str, Any]]:
@@ -108,9 +114,11 @@ def _individual(
     image alone for the targets not yet flipped, and so on. Each finished attempt is written
     to ``log.stage<j>.jsonl``; an interrupted run started again with the same ``out`` resumes
     after the last finished attempt (the stage files must belong to the same targets).
+    ``schedule`` is ``(iterations, step, box)`` of every attempt.
     """
     from tqdm.auto import tqdm
 
+    iterations, step, box = schedule
     t0 = time.perf_counter()
     tl = targets.tolist()
     attempts: dict[int, list[dict[str, Any]]] = {t: [] for t in tl}
@@ -134,6 +142,7 @@ def _individual(
                 ranked[rows][:, list(attempt)],
                 iterations=iterations,
                 step=step,
+                box=box,
             )
             for t, res in zip(pending, results):
                 recs.append(
@@ -212,16 +221,16 @@ def _tally(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def _multi(
     atk: TrainingSetAttack,
     task: _animals.AnimalTask,
-    iterations: int,
-    step: float,
+    schedule: tuple[int, float, PixelBox],
     snapshot_every: int,
 ) -> tuple[dict[str, Any], Any]:
     """One training image against the 30 held-out dogs (PROTOCOL 4.6, "Koda")."""
     assert task.x_koda is not None and task.y_koda is not None
+    iterations, step, box = schedule
     tgt = (task.x_koda, task.y_koda)
     order, l1 = atk.rank(tgt)
     i = int(order[0])
-    res = atk.run(tgt, [i], iterations=iterations, early_stop=False, step=step)
+    res = atk.run(tgt, [i], iterations=iterations, early_stop=False, step=step, box=box)
     theta0, theta1 = res.theta_original, res.theta
     f_tr = task.f_train
     # the poisoned image itself, before and after (its new features)
@@ -234,8 +243,8 @@ def _multi(
 
     f_poison = f_tr.clone()
     f_poison[i] = f_new
-    train_acc_after = float(((f_poison @ theta1 > 0).long() == task.y_train).double().mean())
-    pred_other = (f_tr @ theta0 > 0).long()
+    train_acc_after = float((outputs_to_labels(f_poison @ theta1) == task.y_train).double().mean())
+    pred_other = outputs_to_labels(f_tr @ theta0)
     # confidence ranks: the paper's attacked image was the least confident training point
     conf = torch.where(
         task.y_train == 1, torch.sigmoid(f_tr @ theta0), torch.sigmoid(-f_tr @ theta0)
@@ -402,9 +411,9 @@ def run(
     obj = Objective(model, "binary_logistic", l2=_animals.L2, params="top.")
     level = eight_bit_level()
     iterations = 10 if quick else 100
-    atk = TrainingSetAttack(obj, (task.x_train, task.y_train), progress=False)
+    atk = TrainingSetAttack(obj, (task.x_train, task.y_train), AttackConfig(progress=False))
 
-    pred = (task.f_test @ atk.theta0 > 0).long()
+    pred = outputs_to_labels(task.f_test @ atk.theta0)
     correct = torch.nonzero(pred == task.y_test)[:, 0]
     gen = torch.Generator().manual_seed(seed)
     order = correct[torch.randperm(correct.numel(), generator=gen)]
@@ -435,7 +444,6 @@ def run(
     tallies: dict[str, dict[str, Any]] = {}
     details: dict[str, Any] = {}
     for c, (name, (box_levels, step_levels)) in enumerate(settings.items()):
-        atk.box = PixelBox.eight_bit(levels=box_levels)
         n_c = order.numel()
         if c > 0 and wide_box_targets is not None and wide_box_targets >= 0:
             n_c = min(n_c, int(wide_box_targets))
@@ -444,8 +452,7 @@ def run(
             task,
             order[:n_c],
             ranked[:n_c],
-            iterations,
-            step_levels * level,
+            (iterations, step_levels * level, PixelBox.eight_bit(levels=box_levels)),
             out / f"individual_{c}.jsonl",
             progress,
         )
@@ -463,12 +470,14 @@ def run(
         for c, (name, (box_levels, _)) in enumerate(settings.items()):
             if c > 0 and not (wide_box_multi or quick):
                 continue
-            atk.box = PixelBox.eight_bit(levels=box_levels)
             multi[name], res = _multi(
                 atk,
                 task,
-                iterations=100 if quick else 2000,
-                step=0.005 * box_levels / 0.5 * level,
+                (
+                    100 if quick else 2000,
+                    0.005 * box_levels / 0.5 * level,
+                    PixelBox.eight_bit(levels=box_levels),
+                ),
                 snapshot_every=25 if quick else 500,
             )
             multi[name]["box_levels"] = box_levels
@@ -488,8 +497,7 @@ def run(
         "individual": tallies,
         "individual_logs": details,
         "multi_target": multi,
-        "attack_engine": type(atk.engine).__name__,
-        "engine_stats": getattr(atk.engine, "stats", {}),
+        "attack": atk.describe(),
         "paper": PAPER,
         "seconds": time.perf_counter() - t_start,
     }

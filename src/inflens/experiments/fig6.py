@@ -35,6 +35,7 @@ import torch
 
 from .. import Objective
 from ..apps.mislabel import (
+    LabelFixingConfig,
     LabelFixingResult,
     logistic_gram,
     logistic_leverage,
@@ -218,19 +219,21 @@ def run(
         obj,
         (x, y),
         (xt, yt),
-        n_flipped=n_flipped,
-        check_counts=counts,
-        methods={
-            "influence": selfinf.scorer(2),
-            "influence_sigma1": selfinf.scorer(1),
-            "loss": "loss",
-            "random": "random",
-        },
-        repeats=reps,
-        seed=120 * FLIP_LEVEL + 2 * first_repeat,
-        fit=fitter,
-        progress=progress,
-        time_budget_s=time_budget_s,
+        LabelFixingConfig(
+            n_flipped=n_flipped,
+            check_counts=counts,
+            methods={
+                "influence": selfinf.scorer(2),
+                "influence_sigma1": selfinf.scorer(1),
+                "loss": "loss",
+                "random": "random",
+            },
+            repeats=reps,
+            seed=120 * FLIP_LEVEL + 2 * first_repeat,
+            fit=fitter,
+            progress=progress,
+            time_budget_s=time_budget_s,
+        ),
     )
     summary = result.summary()
     # independent check of the closed form at the first flipped model: primal vs dual

@@ -9,7 +9,19 @@ from tqdm.auto import tqdm
 
 from ..curvature import Curvature
 from ..errors import CurvatureError, InflensWarning, InputError
+from ._cg_core import conjugate_gradient
 from .base import Solver
+from .kfac import EKFAC, KFAC
+
+
+def _preconditioner_by_name(name: str) -> Solver:
+    """``"kfac"`` or ``"ekfac"`` with default settings (the solvers that can precondition)."""
+    table = {"kfac": KFAC, "ekfac": EKFAC}
+    if name.lower() not in table:
+        raise InputError(
+            f"preconditioner {name!r} is not known by name; use 'kfac', 'ekfac' or a Solver instance"
+        )
+    return table[name.lower()]()
 
 
 class CG(Solver):
@@ -46,9 +58,7 @@ class CG(Solver):
         self.tol = float(tol)
         self.max_iter = max_iter
         if isinstance(preconditioner, str):
-            from . import make_solver
-
-            preconditioner = make_solver(preconditioner)
+            preconditioner = _preconditioner_by_name(preconditioner)
         if preconditioner is not None and not isinstance(preconditioner, Solver):
             raise InputError(
                 "preconditioner must be None, a solver name such as 'ekfac', or a Solver "
@@ -102,42 +112,25 @@ class CG(Solver):
     def _iterate(
         self, curv: Curvature, b: torch.Tensor, max_iter: int, bar
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Preconditioned) CG on ``A x = b`` for every row; returns ``x`` and the iterations."""
-        x = torch.zeros_like(b)
-        r = b.clone()
-        z = self._precondition(r)
-        d = z.clone()
-        bnorm = b.norm(dim=1)
-        rs = (r * r).sum(1)
-        rz = (r * z).sum(1)
-        active = bnorm > 0
-        iters = torch.zeros(b.shape[0], dtype=torch.long)
-        for _ in range(max_iter):
-            done = rs.sqrt() <= self.tol * bnorm
-            active = active & ~done
-            if not active.any():
-                break
-            idx = active.nonzero()[:, 0]
-            ad = curv.matvec(d[idx])
-            dad = (d[idx] * ad).sum(1)
-            if (dad <= 0).any():
-                raise CurvatureError(
-                    "CG met a direction of non-positive curvature (d^T A d = "
-                    f"{float(dad.min()):.3g}): the Hessian plus damping is not positive "
-                    "definite. Add damping (Sec. 4.2) or use l2 regularisation"
-                )
-            alpha = rz[idx] / dad
-            x[idx] += alpha[:, None] * d[idx]
-            r[idx] -= alpha[:, None] * ad
-            z_new = self._precondition(r[idx])
-            rz_new = (r[idx] * z_new).sum(1)
-            d[idx] = z_new + (rz_new / rz[idx])[:, None] * d[idx]
-            rz[idx] = rz_new
-            rs[idx] = (r[idx] * r[idx]).sum(1)
-            iters[idx] += 1
+        """(Preconditioned) CG on ``A x = b`` for every row (the one iteration,
+        :func:`~inflens.solvers._cg_core.conjugate_gradient`); returns ``x`` and the
+        iterations."""
+
+        def matvec(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             bar.update(1)
-            bar.set_postfix(rel_res=f"{float((rs[idx].sqrt() / bnorm[idx]).max()):.1e}")
-        return x, iters
+            return curv.matvec(v)
+
+        def precondition(r: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return self._precondition(r)
+
+        try:
+            res = conjugate_gradient(matvec, b, self.tol, max_iter, precondition)
+        except CurvatureError as exc:
+            raise CurvatureError(
+                f"CG: {exc}. The Hessian plus damping is not positive definite. Add damping "
+                "(Sec. 4.2), use l2 regularisation, or curvature='ggn'"
+            ) from exc
+        return res.x, res.iterations.cpu()
 
 
 class PCG(CG):

@@ -159,11 +159,7 @@ class _Layer:
 
 def _find_layers(obj: Objective) -> tuple[list[_Layer], dict[str, str], list[str]]:
     """Factored layers, unsupported module names (with the reason), and uncovered param names."""
-    offsets: dict[str, tuple[int, int]] = {}
-    start = 0
-    for name, numel in zip(obj.names, obj.numels):
-        offsets[name] = (start, start + numel)
-        start += numel
+    offsets = obj.offsets()
     covered: set[str] = set()
     layers: list[_Layer] = []
     reasons: dict[str, str] = {}
@@ -285,7 +281,7 @@ class KFAC(Solver):
             )
         self.layers_ = [lay.to_dict() for lay in layers]
         self.diag_names_ = list(rest)
-        offsets = self._offsets(obj)
+        offsets = obj.offsets()
         self.diag_index_ = (
             torch.cat([torch.arange(*offsets[n]) for n in rest]).to(obj.device)
             if rest
@@ -317,14 +313,6 @@ class KFAC(Solver):
             self.evals_ = self._correction_pass(curvature, layers, modules)
         self._finish_info(curvature)
         return self
-
-    @staticmethod
-    def _offsets(obj: Objective) -> dict[str, tuple[int, int]]:
-        out, start = {}, 0
-        for name, numel in zip(obj.names, obj.numels):
-            out[name] = (start, start + numel)
-            start += numel
-        return out
 
     def _finish_info(self, curv: Curvature) -> None:
         lam = [e.flatten() for e in self.evals_] + [self.diag_]
