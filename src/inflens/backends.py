@@ -315,17 +315,37 @@ class JacobianBackend(DerivativesBackend):
     docstring)."""
 
     name = "jacobian"
+    #: examples per Jacobian: each of the ``s`` cotangents is pulled back through the whole
+    #: sub-batch's graph, so a chunk of ``b`` costs ``b s`` single-example backward passes
+    #: (and ``s^2`` activations at once) instead of ``b^2``
+    SUB_BATCH = 8
 
     def chunk_bytes(self, b: int, p: int, itemsize: int, activations: int) -> float:
-        # each of the b cotangents is pulled back through the whole batch's graph
-        return b * 3 * p * itemsize + b * b * 2 * activations + b * activations
+        s = min(b, self.SUB_BATCH)
+        return b * 3 * p * itemsize + s * s * 2 * activations + b * activations
 
     def per_example_grads(
         self, theta: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
     ) -> torch.Tensor:
         fn = self._per_example_fn(which)
+        return self.rows_jacobian(lambda th, xs, ys: fn(th, xs, ys), theta, x, y)
+
+    def rows_jacobian(
+        self,
+        f: Callable[[torch.Tensor, Batch, torch.Tensor], torch.Tensor],
+        theta: torch.Tensor,
+        x: Batch,
+        y: torch.Tensor,
+    ) -> torch.Tensor:
+        """``[B, q]``: the gradient in ``theta [q]`` of each example's value ``f(theta, x, y)
+        [B]`` (examples independent), by Jacobians of sub-batches of :attr:`SUB_BATCH`."""
+        out = []
         with math_attention(), transform_errors():
-            return jacrev(lambda th: fn(th, x, y))(theta)
+            for s in range(0, y.shape[0], self.SUB_BATCH):
+                sl = slice(s, s + self.SUB_BATCH)
+                xs, ys = index_batch(x, sl), y[sl]
+                out.append(jacrev(lambda th, xs=xs, ys=ys: f(th, xs, ys))(theta))
+        return torch.cat(out, 0)
 
     def input_grad_of_loss_jvp(
         self, vec: torch.Tensor, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor

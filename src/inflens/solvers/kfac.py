@@ -31,9 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import jacrev
 
-from ..backends import math_attention
+from ..backends import JacobianBackend
 from ..curvature import Curvature
 from ..data import to_device
 from ..errors import InflensWarning, InputError, MemoryBudgetError, NotFittedError
@@ -496,21 +495,21 @@ class KFAC(Solver):
     def _diag_chunk(self, obj: Objective, x, cols: torch.Tensor) -> torch.Tensor:
         """``sum_i sum_c (J_i^T u_ic)^2`` restricted to the diagonal-fallback parameters.
 
-        ``J_i^T u_i`` is row ``i`` of the Jacobian of ``[sum(out_i * u_i)]_i`` (examples do
-        not interact), computed on the whole batch: no ``vmap`` over examples.
+        ``J_i^T u_i`` is the gradient of ``out_i . u_i`` in the diagonal parameters: the rows
+        of a Jacobian over small sub-batches (examples do not interact), never ``vmap`` over
+        examples, so every model that runs in whole batches works.
         """
         idx = self.diag_index_
         theta = obj.theta
-        b = cols.shape[1]
+        rows = JacobianBackend(obj)
         total = theta.new_zeros(idx.numel())
         for u in cols:
 
-            def proj(tf: torch.Tensor, u: torch.Tensor = u) -> torch.Tensor:
-                out = obj.predictions(theta.index_put((idx,), tf), x)
-                return (out * u).reshape(b, -1).sum(1)
+            def proj(tf: torch.Tensor, xs, us: torch.Tensor) -> torch.Tensor:
+                out = obj.predictions(theta.index_put((idx,), tf), xs)
+                return (out * us).reshape(us.shape[0], -1).sum(1)
 
-            with math_attention():
-                jac = jacrev(proj)(theta[idx])  # [B, q]
+            jac = rows.rows_jacobian(proj, theta[idx], x, u)  # [B, q]
             total += (jac**2).sum(0)
         return total
 
