@@ -52,7 +52,19 @@ def main(argv: list[str] | None = None) -> int:
         "demo",
         help="explain a misclassified digit (scikit-learn digits, 10-class logistic regression)",
     )
-    demo.add_argument("--out", type=Path, default=Path("inflens-demo"), help="output folder")
+    demo.add_argument(
+        "--model",
+        choices=("logreg", "gpt2-tiny"),
+        default="logreg",
+        help="logreg: the digits demo; gpt2-tiny: a small GPT-2 trained here on the Python "
+        "language reference, per-token influence and a fine-tuning check (needs transformers)",
+    )
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default inflens-demo, or inflens-demo-gpt2 with --model gpt2-tiny)",
+    )
     demo.add_argument("--loo", type=int, default=40, help="points to check by retraining")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -63,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--data-dir", type=Path, default=None, help="folder with the data sets")
     rep.add_argument("--out", type=Path, default=None, help="output folder (default runs/NAME)")
     rep.add_argument("--quick", action="store_true", help="small subsample, under a minute")
+    rep.add_argument("--full", action="store_true", help="all: each experiment's default protocol")
+    rep.add_argument("--force", action="store_true", help="all: re-run runs of this commit")
+    rep.add_argument("--only", default=None, help="all: comma-separated experiment names")
+    rep.add_argument("--export", type=Path, default=None, help="all: compact metrics to this dir")
     rep.add_argument(
         "--protocol", default=None, help="fig2-cnn: reduced (default), reduced-240 or full"
     )
@@ -97,9 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "benchmark":
         return _benchmark(args)
     if args.command == "demo":
+        if args.model == "gpt2-tiny":
+            from .experiments.gpt2_demo import main as gpt2_demo_main
+
+            return gpt2_demo_main(args)
         from .experiments.demo import run_demo
 
-        run_demo(out=args.out, n_loo=args.loo, seed=args.seed, progress=not args.quiet)
+        out = args.out or Path("inflens-demo")
+        run_demo(out=out, n_loo=args.loo, seed=args.seed, progress=not args.quiet)
         return 0
 
     exps = _experiments()
@@ -107,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in sorted(exps):
             print(f"{name:14s} {getattr(exps[name], 'DESCRIPTION', '')}")
         return 0
+    if args.name == "all":
+        return _reproduce_all(args, exps)
     if args.name not in exps:
         print(
             f"inflens: unknown experiment {args.name!r}; available: {', '.join(sorted(exps))}",
@@ -123,6 +146,35 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(metrics, indent=2, default=str)[:4000])
     print(f"figures and metrics.json written to {out}/")
     return 0
+
+
+def _reproduce_all(args: argparse.Namespace, exps: dict[str, ModuleType]) -> int:
+    """``inflens reproduce all``: see :mod:`inflens.experiments.reproduce_all`."""
+    from .errors import InputError
+    from .experiments import reproduce_all as ra
+
+    if args.quick and args.full:
+        print("inflens: give --quick or --full, not both", file=sys.stderr)
+        return 2
+    try:
+        config = ra.ReproduceAllConfig(
+            out=args.out or Path("runs") / "all",
+            mode="quick" if args.quick else "full",
+            only=tuple(args.only.split(",")) if args.only else None,
+            force=args.force,
+            data_dir=args.data_dir or default_data_dir(),
+            progress=not args.quiet,
+        )
+        results = ra.run_all(exps, config)
+    except InputError as exc:
+        print(f"inflens: {exc}", file=sys.stderr)
+        return 2
+    if args.export is not None:
+        for path in ra.export(config.out, args.export, names=results):
+            print(f"exported {path}")
+    for name, res in results.items():
+        print(f"{name:14s} {res['status']:8s} {res['seconds']:8.1f} s  {res['path']}")
+    return 1 if any(r["status"] == "failed" for r in results.values()) else 0
 
 
 def _benchmark(args: argparse.Namespace) -> int:

@@ -34,3 +34,22 @@ def test_fig5_quick(shared_data: Path, tmp_path: Path, monkeypatch: pytest.Monke
         assert 0 <= multi["n_flipped"] <= multi["n_initially_correct"]
         assert multi["pixel_linf_levels"] <= multi["box_levels"] + 1e-4
         assert multi["loss_after"] > multi["loss_before"]  # the attack raises the target loss
+    # Flips, measured on this quick run (`inflens reproduce all --quick --only fig5`, commit
+    # 1f09087): the wide box (+-8 levels) flips both attacked targets with 5 poisoned images
+    # (the paper box none within its 10 iterations), and the multi-target wide-box attack flips
+    # 3 of the 23 initially correct held-out dogs (the paper box 1). Asserted: at least one flip
+    # each with the wide box, and that a flip is real (p(true) < 0.5 after the attack, the
+    # poisoned images inside the box).
+    wide = next(name for name, t in m["individual"].items() if t["box_levels"] == 8.0)
+    assert m["individual"][wide]["flipped_with_at_most_10"] >= 1
+    rows = [json.loads(r) for r in (out / m["individual_logs"][wide]).read_text().splitlines()]
+    flipped = [row for row in rows if row["needed"] is not None]
+    assert flipped
+    for row in flipped:
+        last = row["attempts"][-1]
+        assert last["success"] and last["n_images"] == row["needed"]
+        assert row["p_true_before"] > 0.5 > last["p_true_after"]
+        assert not any(a["success"] for a in row["attempts"][:-1])  # stops at the first flip
+    wide_multi = m["multi_target"][wide]
+    assert wide_multi["n_flipped"] >= 1
+    assert wide_multi["accuracy_after"] < wide_multi["accuracy_before"]

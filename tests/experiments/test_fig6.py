@@ -65,6 +65,25 @@ def test_fig6_quick(shared_data: Path, tmp_path: Path) -> None:
     random_fixed = np.array(s["methods"]["random"]["fraction_fixed"][1:])
     infl_fixed = np.array(s["methods"]["influence"]["fraction_fixed"][1:])
     assert (infl_fixed > random_fixed).all()
+    # The paper's ordering, per repeat (paired: same flips, same model), so the seed-to-seed
+    # spread cannot hide a reversal. Measured on this quick run (`inflens reproduce all --quick
+    # --only fig6`, commit 1f09087), flips fixed out of 100 at 5%..30% checked:
+    #   repeat 0: influence 27 41 60 69 77 81, loss 20 35 46 61 68 73, random 3 7 11 18 21 24
+    #   repeat 1: influence 27 49 62 71 76 83, loss 21 32 49 61 69 78, random 6 9 14 16 20 25
+    # smallest margins: influence - loss 5 flips, loss - random 14 flips.
+    raw = m["raw"]
+    fixed = {k: np.array(raw[k]["fixed"]) for k in ("influence", "loss", "random")}
+    assert (fixed["influence"] > fixed["loss"]).all()
+    assert (fixed["loss"] > fixed["random"]).all()
+    # Test accuracy: both informed methods beat random in every repeat (smallest margin 0.0106,
+    # loss at 5% in repeat 1). Influence > loss holds for the mean over the 2 repeats at every
+    # fraction (by 0.0087 0.0116 0.0135 0.0077 0.0034 0.0053) but not in every repeat: at 20%
+    # checked, repeat 0 has influence 0.9343 against loss 0.9353, a reversal smaller than the
+    # repeat-to-repeat spread (standard errors 0.0014 and 0.0048). So for accuracy only the mean
+    # ordering is asserted; the per-repeat ordering is asserted on the flips fixed above.
+    acc = {k: np.array(raw[k]["accuracy"]) for k in ("influence", "loss", "random")}
+    assert (acc["influence"] > acc["random"]).all() and (acc["loss"] > acc["random"]).all()
+    assert (acc["influence"].mean(0) > acc["loss"].mean(0)).all()
 
 
 def _part(path: Path, seeds: list[int], offset: float) -> None:
