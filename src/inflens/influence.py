@@ -36,6 +36,16 @@ Indices = torch.Tensor | Sequence[int] | None
 _CLASSIFICATION = ("cross_entropy", "sequence_classification")
 
 
+def _cat_padded(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Concatenate per-token tensors along ``dim``, zero-padding the last (token) axis to the
+    longest chunk: a collate function may pad each chunk to its own length, and a padded
+    position has no counted token, so its term is exactly 0."""
+    t = max(part.shape[-1] for part in parts)
+    return torch.cat(
+        [torch.nn.functional.pad(part, (0, t - part.shape[-1])) for part in parts], dim
+    )
+
+
 class Influence:
     """Fits the curvature of a trained objective once, then answers influence queries.
 
@@ -424,24 +434,40 @@ class Influence:
         """
         if side not in ("train", "test"):
             raise InputError(f"side must be 'train' or 'test', got {side!r}")
-        self._fitted()
+        curv = self._fitted()
         obj = self.objective
         if side == "test":
             v = self.solver.solve(self.train_gradients(indices))  # [k, p]: H^-1 g_i
             data = self._test_data(test)
-            x, y = data.get(torch.arange(len(data)))
-            x, y = self._prep_test(data, 0, x, y)
-            with obj.evaluating():
-                return -obj.token_loss_jvp(v, x, y).transpose(0, 1)
+            size = self._token_chunk(v.shape[0], curv.chunk_size)
+            parts = []
+            seen: set[int] = set()
+            for start, x, y in data.chunks(size):
+                x, y = self._prep_test(data, start, x, y, seen)
+                with obj.evaluating():
+                    parts.append(-obj.token_loss_jvp(v, x, y).transpose(0, 1))
+            return _cat_padded(parts, 0)
         s = self.s_test(test)  # [m, p]
         reg = obj.l2 * (s @ obj.theta)  # [m]
-        x, y = self._get_train(indices)
-        with obj.evaluating():
-            terms = obj.token_loss_jvp(s, x, y)  # [m, k, T]
-        counted = torch.zeros_like(y, dtype=s.dtype)
-        counted[:, 1:] = (y[:, 1:] != IGNORE_INDEX).to(s.dtype)
-        share = counted / counted.sum(1, keepdim=True).clamp_min(1)  # 1 / N_i where counted
-        return -(terms + reg[:, None, None] * share[None])
+        idx = torch.arange(self.n) if indices is None else torch.as_tensor(indices).reshape(-1)
+        size = self._token_chunk(s.shape[0], curv.chunk_size)
+        parts = []
+        for lo in range(0, idx.numel(), size):
+            x, y = self._get_train(idx[lo : lo + size])
+            with obj.evaluating():
+                terms = obj.token_loss_jvp(s, x, y)  # [m, b, T]
+            counted = torch.zeros_like(y, dtype=s.dtype)
+            counted[:, 1:] = (y[:, 1:] != IGNORE_INDEX).to(s.dtype)
+            share = counted / counted.sum(1, keepdim=True).clamp_min(1)  # 1 / N_i where counted
+            parts.append(-(terms + reg[:, None, None] * share[None]))
+        return _cat_padded(parts, 1)
+
+    @staticmethod
+    def _token_chunk(k: int, chunk_size: int) -> int:
+        """Sequences per forward-mode pass along ``k`` directions: the curvature's
+        budget-derived chunk (sized for per-example gradients, which hold about as much per
+        example as a JVP along one direction) shared among the ``k`` directions."""
+        return max(1, chunk_size // max(1, k))
 
     def input_influence(self, test: DataLike, indices: Indices) -> torch.Tensor:
         """``I_pert,loss(z_i, z_test) = -grad L(z_test)^T H^-1 grad_x grad_theta loss(z_i)`` (eq. 5).
