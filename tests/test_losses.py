@@ -19,6 +19,7 @@ from inflens.losses import (
     hinge,
     mse,
     resolve_loss,
+    sampled_token_factor,
     signed_labels,
     smooth_hinge_value,
 )
@@ -237,3 +238,31 @@ def test_output_hessian_factor_only_for_the_builtin_cross_entropy() -> None:
     out, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
     assert output_hessian_factor(cross_entropy, out, y) is None
     assert output_hessian_factor(mse, out, out) is None
+
+
+def test_sampled_token_factor_is_an_unbiased_estimate_of_the_output_hessian() -> None:
+    """``E[u u^T]`` per position must be ``(diag p - p p^T) / N_i`` (the Hessian of the mean
+    token cross-entropy in the logits), zero across positions and at ignored labels; checked
+    against that closed form with a Monte-Carlo tolerance of a few standard errors."""
+    g = torch.Generator().manual_seed(0)
+    b, t, v, s = 2, 4, 5, 160_000
+    logits = torch.randn(b, t, v, generator=g, dtype=torch.float64) * 2
+    targets = torch.randint(0, v, (b, t), generator=g)
+    targets[1, 2] = -100  # an ignored label: position 1 of sequence 1 predicts nothing
+    u = sampled_token_factor(logits, targets, s, torch.Generator().manual_seed(1))
+    assert u.shape == (s, b, t, v)
+    assert (u[:, :, -1] == 0).all() and (u[:, 1, 1] == 0).all()
+    est = torch.einsum("sbtv,sbrw->btvrw", u, u)  # sum over samples (u carries 1/sqrt(s))
+    p = torch.softmax(logits[:, :-1], -1)
+    counts = (targets[:, 1:] != -100).sum(1).double()
+    for i in range(b):
+        for j in range(t - 1):
+            if targets[i, j + 1] == -100:
+                continue
+            want = (torch.diag(p[i, j]) - torch.outer(p[i, j], p[i, j])) / counts[i]
+            # per entry, the draw's variance is at most 1 / counts^2; s samples average it
+            tol = 5 / (counts[i] * s**0.5)
+            assert (est[i, j, :, j] - want).abs().max() < tol
+            for r in range(t):  # different positions are independent: E[u_t u_r^T] = 0
+                if r != j:
+                    assert est[i, j, :, r].abs().max() < tol

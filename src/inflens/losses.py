@@ -212,10 +212,16 @@ def sampled_token_factor(
     count = keep.sum(1).clamp_min(1)
     p = torch.softmax(logits, dim=-1)
     b, t, v = p.shape
-    flat = p.reshape(-1, v).to("cpu", torch.float64)
-    draws = torch.multinomial(flat, samples, replacement=True, generator=generator)  # [BT, s]
-    onehot = F.one_hot(draws.T.reshape(samples, b, t).to(p.device), v).to(p.dtype)
-    u = (onehot - p[None]) * (keep / count[:, None]).sqrt()[None, :, :, None]
+    # inverse-CDF draws (one uniform per position and sample, then a binary search in the
+    # cumulative distribution): an order of magnitude faster than torch.multinomial on
+    # [B T, V] rows, and exact in distribution up to float64 round-off of the cumulative sums
+    cdf = p.reshape(-1, v).to("cpu", torch.float64).cumsum(1)
+    unif = torch.rand(cdf.shape[0], samples, generator=generator, dtype=torch.float64)
+    draws = torch.searchsorted(cdf, unif * cdf[:, -1:], right=True).clamp_max(v - 1)  # [BT, s]
+    idx = draws.T.reshape(samples, b, t, 1).to(p.device)
+    u = (-p[None]).expand(samples, b, t, v).clone()
+    u.scatter_add_(-1, idx, torch.ones(idx.shape, dtype=p.dtype, device=p.device))  # e_y^ - p
+    u = u * (keep / count[:, None]).sqrt()[None, :, :, None]
     u = u / samples**0.5
     return torch.cat([u, u.new_zeros(samples, b, 1, v)], 2)  # the last logits predict nothing
 
