@@ -7,6 +7,7 @@ and Hessian (PROTOCOL 1.7) and the SVM dual QP solved by scipy.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from inflens.errors import InflensWarning, InputError, SolverDivergedError
 from inflens.models import LinearSVM, LogisticRegression
 from inflens.train import (
     AdamConfig,
+    LBFGSConfig,
     _Batches,
     fit_adam,
     fit_lbfgs,
@@ -90,7 +92,7 @@ def test_fit_lbfgs_chunking_and_per_parameter_l2() -> None:
     x, y = _data(n=64)
     obj = _logreg(4, 0.05)
     a = fit_lbfgs(obj, (x, y), tol=1e-12).theta
-    b = fit_lbfgs(obj, (x, y), tol=1e-12, batch_size=7).theta
+    b = fit_lbfgs(obj, (x, y), config=LBFGSConfig(tol=1e-12, batch_size=7)).theta
     torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
     # per-parameter l2 equal to the scalar gives the same optimum
     c = fit_lbfgs(obj, (x, y), tol=1e-12, l2=torch.full((4,), 0.05, dtype=DT)).theta
@@ -104,9 +106,41 @@ def test_fit_lbfgs_reports_non_convergence() -> None:
         _, info = fit_lbfgs(obj, (x, y), tol=1e-12, max_iter=1)
     assert not info.converged
     with pytest.raises(SolverDivergedError):
-        fit_lbfgs(obj, (x, y), tol=1e-12, max_iter=1, on_fail="raise")
+        fit_lbfgs(obj, (x, y), config=LBFGSConfig(tol=1e-12, max_iter=1, on_fail="raise"))
     with pytest.raises(InputError):
         fit_lbfgs(obj, (x, y), weights=torch.ones(3))
+
+
+def test_lbfgs_config_is_validated_and_the_keywords_are_its_fields() -> None:
+    x, y = _data()
+    obj = _logreg(4, 0.05)
+    cfg = LBFGSConfig(tol=1e-12, max_iter=500, history_size=10)
+    a = fit_lbfgs(obj, (x, y), config=cfg)
+    b = fit_lbfgs(obj, (x, y), tol=1e-12, max_iter=500, history_size=10)
+    # the keyword path is the config path: the same iterations, bit for bit
+    assert a.info.iterations == b.info.iterations and torch.equal(a.theta, b.theta)
+    # keywords given with a config replace its fields
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # on_fail="ignore" replaced the config's "warn"
+        c = fit_lbfgs(obj, (x, y), config=cfg, max_iter=1, on_fail="ignore")
+    assert not c.info.converged and c.info.iterations < a.info.iterations
+    assert cfg.max_iter == 500 and cfg.to_dict()["history_size"] == 10  # frozen, unchanged
+    bad = [
+        ({"on_fail": "stop"}, "on_fail"),
+        ({"tol": 0.0}, "tol > 0"),
+        ({"max_iter": 0}, "max_iter >= 1"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"history_size": 0}, "history_size"),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(InputError, match=match):
+            LBFGSConfig(**kwargs)
+        with pytest.raises(InputError, match=match):
+            fit_lbfgs(obj, (x, y), **kwargs)
+    with pytest.raises(InputError, match="unknown settings.*'tolerance'"):
+        fit_lbfgs(obj, (x, y), tolerance=1e-8)
+    with pytest.raises(InputError, match="LBFGSConfig"):
+        fit_lbfgs(obj, (x, y), config={"tol": 1e-8})
 
 
 def test_batches_cover_each_epoch_once_and_cross_epochs_like_tensorflow() -> None:
@@ -340,3 +374,38 @@ def test_fit_newton_reaches_the_exact_leave_one_out_optimum():
         w = w - torch.linalg.solve(h, g)
     assert torch.allclose(theta_loo, w, rtol=0, atol=1e-11)
     assert not torch.allclose(theta_loo, obj.theta, atol=1e-6)  # removing the point did move it
+
+
+def test_fit_newton_with_a_solve_and_a_chord_preconditioner() -> None:
+    """The attack's refit: Newton directions from a caller's solve (here conjugate gradients
+    on the objective's HVPs), chord steps with a fixed inverse Hessian from another point where
+    they halve the gradient norm; lands on the closed-form Newton optimum."""
+    from inflens.solvers._cg_core import conjugate_gradient
+
+    x, y = _data(n=60)
+    obj = _logreg(4, 0.05)
+    w = torch.linspace(0.5, 2.0, 60, dtype=DT)  # weighted, so the start is far from theta*
+    ref = _newton_logreg(x, y, 0.05, w)
+    calls = []
+
+    def solve(th: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        hess = torch.func.hessian(lambda t: (obj.losses(t, x, y) * w).mean() + obj.regularizer(t))
+        h = hess(th)
+        return conjugate_gradient(lambda v, rows: v @ h, g[None], 1e-14, 50).x[0]
+
+    for pre in (None, torch.linalg.inv(torch.eye(4, dtype=DT) * 0.3)):
+        calls.clear()
+        chord = None if pre is None else (lambda g, p=pre: g @ p)
+        fit = fit_newton(obj, (x, y), chord, torch.zeros(4, dtype=DT), w, tol=1e-12, solve=solve)
+        assert fit.info.converged and fit.info.grad_norm <= 1e-12
+        torch.testing.assert_close(fit.theta, ref, rtol=0, atol=1e-11)
+        assert len(calls) == fit.info.extra["newton_steps"] > 0  # solve gives every Newton step
+    # a good fixed preconditioner (H^-1 at the optimum) does the work with chord steps only
+    h_ref = torch.func.hessian(lambda t: (obj.losses(t, x, y) * w).mean() + obj.regularizer(t))
+    pre = torch.linalg.inv(h_ref(ref))
+    calls.clear()
+    near = ref + 1e-3
+    fit = fit_newton(obj, (x, y), lambda g: g @ pre, near, w, tol=1e-12, solve=solve)
+    torch.testing.assert_close(fit.theta, ref, rtol=0, atol=1e-11)
+    assert fit.info.extra["chord_steps"] > 0 and not calls

@@ -11,7 +11,8 @@ n - 1 points* (the paper's leave-one-out protocol, ``C = 1/((n-1) l2)``) use
 ``w_j = n / (n - 1)`` for ``j != i`` and ``w_i = 0`` (see :func:`loo_weights`).
 
 - :func:`fit_lbfgs`: full-batch L-BFGS (strong Wolfe line search) until the gradient norm is at
-  most ``tol``; each closure is one chunked pass over the data (bounded memory).
+  most ``tol``; each closure is one chunked pass over the data (bounded memory); its settings
+  are an :class:`LBFGSConfig`.
 - :func:`fit_adam`: mini-batch Adam with an optional learning-rate schedule, deterministic
   under a seed, resumable from (and returning) the optimiser state.
 - :func:`fit_linear_svm`: an exact hinge-loss linear SVM without bias (liblinear dual
@@ -19,8 +20,9 @@ n - 1 points* (the paper's leave-one-out protocol, ``C = 1/((n-1) l2)``) use
 - :func:`newton_minimize`: the one damped Newton iteration (chord steps with a fixed
   preconditioner, Newton steps with an Armijo line search), on any smooth strongly convex
   function given by its gradient; batched over independent problems. :func:`fit_newton` runs
-  it on an :class:`~inflens.Objective`; the attack, the experiments' logistic fits and the
-  MNIST leave-one-out refits call it with their own closed forms.
+  it on an :class:`~inflens.Objective` (Newton directions from the dense Hessian or a caller's
+  ``solve``, e.g. the attack's); the experiments' logistic fits and the MNIST leave-one-out
+  refits call it with their own closed forms.
 
 Every trainer returns a :class:`Fit` (theta, what happened, and for Adam the optimiser state).
 Trainers never modify the model or the objective unless ``load=True``.
@@ -29,6 +31,7 @@ Trainers never modify the model or the objective unless ``load=True``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import warnings
@@ -49,6 +52,7 @@ __all__ = [
     "AdamConfig",
     "Fit",
     "FitInfo",
+    "LBFGSConfig",
     "batch_sequence",
     "fit_adam",
     "fit_lbfgs",
@@ -159,20 +163,54 @@ def _finish(objective: Objective, theta: torch.Tensor, load: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------- L-BFGS
+@dataclass(frozen=True)
+class LBFGSConfig:
+    """The settings of one :func:`fit_lbfgs` run (validated on creation).
+
+    Attributes:
+        tol: gradient-norm tolerance, ``||grad R_w||_2 <= tol``.
+        max_iter: maximum L-BFGS iterations (each may take several function evaluations).
+        batch_size: examples per chunk of a pass (default: all up to 8,192 at once).
+        history_size: L-BFGS memory.
+        on_fail: ``"warn"`` (InflensWarning), ``"raise"`` (SolverDivergedError) or ``"ignore"``
+            when the tolerance is not reached.
+        progress: show a progress bar over iterations.
+    """
+
+    tol: float = 1e-10
+    max_iter: int = 1000
+    batch_size: int | None = None
+    history_size: int = 50
+    on_fail: str = "warn"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.on_fail not in ("warn", "raise", "ignore"):
+            raise InputError(f"on_fail must be 'warn', 'raise' or 'ignore', got {self.on_fail!r}")
+        if not self.tol > 0 or int(self.max_iter) < 1:
+            raise InputError(
+                f"need tol > 0 and max_iter >= 1, got tol={self.tol}, max_iter={self.max_iter}"
+            )
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise InputError(f"batch_size must be None or >= 1, got {self.batch_size}")
+        if int(self.history_size) < 1:
+            raise InputError(f"history_size must be >= 1, got {self.history_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings."""
+        return dict(self.__dict__)
+
+
 def fit_lbfgs(
     objective: Objective,
     train: DataLike,
     theta0: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     l2: L2Like = None,
-    tol: float = 1e-10,
-    max_iter: int = 1000,
-    progress: bool = False,
     *,
-    batch_size: int | None = None,
-    history_size: int = 50,
-    on_fail: str = "warn",
+    config: LBFGSConfig | None = None,
     load: bool = False,
+    **settings: Any,
 ) -> Fit:
     """Full-batch L-BFGS on ``R_w(theta) = (1/n) sum_i w_i loss_i + (l2/2)||theta||^2``.
 
@@ -188,30 +226,34 @@ def fit_lbfgs(
         weights: ``[n]`` non-negative example weights (see :func:`loo_weights`).
         l2: override of the objective's l2 (a float, or a ``[p]`` tensor of per-parameter
             coefficients, e.g. zero for biases).
-        tol: gradient-norm tolerance.
-        max_iter: maximum L-BFGS iterations (each may take several function evaluations).
-        progress: show a progress bar over iterations.
-        batch_size: examples per chunk of a pass (default: all up to 8,192 at once).
-        history_size: L-BFGS memory.
-        on_fail: ``"warn"`` (InflensWarning), ``"raise"`` (SolverDivergedError) or ``"ignore"``
-            when the tolerance is not reached.
+        config: tolerance, iterations, chunking, memory, failure policy
+            (:class:`LBFGSConfig`; default ``LBFGSConfig()``).
         load: copy the result into the model and set ``objective.theta`` to it.
+        **settings: fields of :class:`LBFGSConfig` by name, a shorthand
+            (``fit_lbfgs(obj, data, tol=1e-8)`` is ``config=LBFGSConfig(tol=1e-8)``); with
+            ``config`` they replace its fields.
 
     Returns:
         A :class:`Fit`: the flat ``[p]`` theta (detached) and a :class:`FitInfo` (iterations,
         gradient norm, objective).
     """
-    if on_fail not in ("warn", "raise", "ignore"):
-        raise InputError(f"on_fail must be 'warn', 'raise' or 'ignore', got {on_fail!r}")
-    if not tol > 0 or int(max_iter) < 1:
-        raise InputError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
+    if config is not None and not isinstance(config, LBFGSConfig):
+        raise InputError(f"config must be an LBFGSConfig, got {type(config).__name__}")
+    unknown = set(settings) - set(LBFGSConfig.__dataclass_fields__)
+    if unknown:
+        raise InputError(
+            f"fit_lbfgs got unknown settings {sorted(unknown)}; the settings are the fields of "
+            f"LBFGSConfig: {sorted(LBFGSConfig.__dataclass_fields__)}"
+        )
+    cfg = dataclasses.replace(config or LBFGSConfig(), **settings)
+    tol, max_iter, on_fail = cfg.tol, int(cfg.max_iter), cfg.on_fail
     t_start = time.perf_counter()
     obj = objective
     data = train if isinstance(train, Data) else Data(train, "training data")
     n = len(data)
     lam = _resolve_l2(obj, l2)
     w = _check_weights(weights, n, obj)
-    size = int(batch_size or min(n, 8192))
+    size = int(cfg.batch_size or min(n, 8192))
     # The data are held as prepared chunks (views for tensor data), checked once.
     chunks = []
     for start, x, y in data.chunks(size):
@@ -264,10 +306,10 @@ def fit_lbfgs(
         max_eval=round_iters * 5,
         tolerance_grad=tol / math.sqrt(obj.p),
         tolerance_change=0.0,
-        history_size=history_size,
+        history_size=cfg.history_size,
         line_search_fn="strong_wolfe",
     )
-    bar = tqdm(total=int(max_iter), desc="L-BFGS", disable=not progress, leave=False)
+    bar = tqdm(total=max_iter, desc="L-BFGS", disable=not cfg.progress, leave=False)
     iters = 0
     passes = 1
     val, g = value_and_grad()
@@ -843,6 +885,8 @@ def fit_newton(
     weights: torch.Tensor | None = None,
     tol: float = 1e-12,
     max_iter: int = 100,
+    *,
+    solve: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> Fit:
     """Minimise ``R_w(theta) = (1/n) sum_i w_i loss_i + (l2/2)||theta||^2`` by Newton steps.
 
@@ -851,9 +895,12 @@ def fit_newton(
     ``Influence(..., solver="exact").solver.solve``) it takes chord steps
     ``theta <- theta - P grad R_w(theta)``: near a leave-one-out optimum ``P H`` is close to
     ``I`` and the iteration converges linearly with a tiny rate, one gradient pass per step.
-    Without, it forms the exact ``[p, p]`` Hessian of ``R_w`` (small ``p`` only) and takes
-    Newton steps with an Armijo line search (quadratic convergence for a strongly convex
-    smooth risk, e.g. logistic regression with ``l2 > 0``). Either way the result satisfies
+    Without, it takes Newton steps ``d = H(theta)^-1 g`` with an Armijo line search (quadratic
+    convergence for a strongly convex smooth risk, e.g. logistic regression with ``l2 > 0``),
+    ``d`` from ``solve(theta, g)`` (e.g. an :class:`~inflens.Influence` solver fitted at
+    ``theta``) or, by default, the exact ``[p, p]`` Hessian of ``R_w`` (small ``p`` only).
+    With both ``precondition`` and ``solve``, a chord step is kept where it halves the gradient
+    norm and a Newton step is taken elsewhere. Either way the result satisfies
     ``||grad R_w|| <= tol`` when ``info.converged``.
 
     Raises:
@@ -893,21 +940,18 @@ def fit_newton(
         return torch.cholesky_solve(g[:, None], chol)[:, 0]
 
     theta = (obj.theta if theta0 is None else theta0).detach().to(obj.theta).clone()
+    chord = None if precondition is None else (lambda g: precondition(g.unsqueeze(0))[0])
     with _held_eval(obj), torch.no_grad():
-        if precondition is not None:
+        if solve is None and chord is not None:
             return newton_minimize(
-                gradient,
-                theta,
-                chord=lambda g: precondition(g.unsqueeze(0))[0],
-                tol=tol,
-                max_iter=max_iter,
-                chord_rate=1.0,
+                gradient, theta, chord=chord, tol=tol, max_iter=max_iter, chord_rate=1.0
             )
         return newton_minimize(
             gradient,
             theta,
-            solve=newton_direction,
-            value=lambda th: risk(th),
+            solve=newton_direction if solve is None else solve,
+            chord=chord,
+            value=risk,
             tol=tol,
             max_iter=max_iter,
         )

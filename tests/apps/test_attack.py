@@ -218,6 +218,12 @@ def test_input_errors() -> None:
         AttackConfig(damping=-1.0)
     with pytest.raises(InputError, match="step"):
         AttackConfig(step=0.0)
+    with pytest.raises(InputError, match="AttackConfig, got Objective and dict"):
+        TrainingSetAttack(obj, train, {"step": 0.1})
+    with pytest.raises(InputError, match="at least one target"):
+        atk.run_many((test[0][:0], test[1][:0]), torch.zeros(0, 1, dtype=torch.long))
+    with pytest.raises(InputError, match="non-empty"):
+        atk.run((test[0][:0], test[1][:0]), [1])
 
 
 def test_run_many_equals_one_run_per_target() -> None:

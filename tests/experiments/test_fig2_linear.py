@@ -74,7 +74,7 @@ def test_loo_refits_reach_the_leave_one_out_optimum():
     settings = f2.Settings(n_train=None, k=3, lissa_depth=1, lissa_repeats=1, refit_batch=2)
     idx = np.array([3, 10, 59])
     x_t, y_t = x[:1] + 0.1, y[:1]
-    res = f2.loo_refits(x, y1h, w, idx, chol, x_t, y_t, settings, progress=False)
+    res = f2.loo_refits(x, y1h, w, idx, chol, (x_t, y_t), settings, progress=False)
     base = float(F.cross_entropy(x_t @ w.T, y_t))
     assert res["grad_norm"].max() <= settings.refit_tol
     for j, i in enumerate(idx):

@@ -24,6 +24,7 @@ gives a direct ``H^-1`` reference for the CG and LiSSA solutions.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from ..datasets import load_mnist, mnist_paper_split
 from ..models import LogisticRegression
 from ..plots import new_figure, save_figure, scatter_predicted_actual
 from ..solvers import CG, LiSSA
-from ..train import fit_lbfgs
+from ..train import FitInfo, LBFGSConfig, fit_lbfgs, newton_minimize
 
 NAME = "fig2-linear"
 DESCRIPTION = (
@@ -133,17 +134,33 @@ def _chol_solve(chol: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(chol.T, z, upper=True).T
 
 
-def _polish(x, y1h, w, chol, l2, tol, max_iter=50) -> tuple[torch.Tensor, float, int]:
-    """Chord-Newton on the full-data risk from ``w``; returns (w, final grad norm, steps)."""
-    c, d = w.shape
-    gn = float("inf")
-    for it in range(max_iter + 1):
-        g = risk_gradients(x, y1h, w[None], None, l2)[0]
-        gn = float(g.norm())
-        if gn <= tol or it == max_iter:
-            break
-        w = w - _chol_solve(chol, g.reshape(1, -1)).view(c, d)
-    return w, gn, it
+def _chord_newton(
+    x: torch.Tensor,
+    y1h: torch.Tensor,
+    w0: torch.Tensor,
+    chol: torch.Tensor,
+    drop: torch.Tensor | None,
+    tol: float,
+    max_iter: int,
+) -> tuple[torch.Tensor, FitInfo]:
+    """Chord-Newton ``W <- W - H^-1 grad R(W)`` (:func:`inflens.train.newton_minimize`, every
+    step taken) from ``w0 [K, C, d]``, on the full risk (``drop=None``) or without
+    ``drop[k]`` for problem ``k``; returns the ``[K, C, d]`` result and the fit's info."""
+    k, c, d = w0.shape
+
+    def grad(th: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ws = th.view(-1, c, d)
+        return risk_gradients(x, y1h, ws, None if drop is None else drop[rows], L2).flatten(1)
+
+    fit = newton_minimize(
+        grad,
+        w0.reshape(k, c * d),
+        chord=lambda g, rows: _chol_solve(chol, g),
+        tol=tol,
+        max_iter=max_iter,
+        chord_rate=math.inf,  # H at W_hat is close enough: take every chord step
+    )
+    return fit.theta.view(k, c, d), fit.info
 
 
 def loo_refits(
@@ -152,12 +169,12 @@ def loo_refits(
     w_hat: torch.Tensor,
     indices: np.ndarray,
     chol: torch.Tensor,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
+    test: tuple[torch.Tensor, torch.Tensor],
     settings: Settings,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Exact leave-one-out refits; returns test losses, iterations and error estimates.
+    """Exact leave-one-out refits; returns test losses on ``test = (x_test [1, d], y_test
+    [1])``, iterations and error estimates.
 
     Each refit minimises ``(1/(n-1)) sum_{j != i} CE_j + (l2/2)||W||^2`` from ``W_hat`` by
     chord-Newton steps with the full-data Hessian at ``W_hat`` until ``||grad|| <= refit_tol``.
@@ -166,6 +183,7 @@ def loo_refits(
     """
     c, d = w_hat.shape
     p = c * d
+    x_test, y_test = test
     idx_all = torch.as_tensor(indices, dtype=torch.long)
     test_loss = np.zeros(len(indices))
     iters = np.zeros(len(indices), dtype=np.int64)
@@ -176,18 +194,13 @@ def loo_refits(
     for s in range(0, len(indices), settings.refit_batch):
         drop = idx_all[s : s + settings.refit_batch]
         kb = drop.numel()
-        ws = w_hat.expand(kb, c, d).clone()
-        active = torch.ones(kb, dtype=torch.bool)
-        it = torch.zeros(kb, dtype=torch.long)
-        for _ in range(settings.refit_max_iter + 1):
-            g = risk_gradients(x, y1h, ws, drop, L2)
-            gn = g.reshape(kb, p).norm(dim=1)
-            active = active & (gn > settings.refit_tol) & (it < settings.refit_max_iter)
-            if not active.any():
-                break
-            step = _chol_solve(chol, g[active].reshape(-1, p)).view(-1, c, d)
-            ws[active] -= step
-            it[active] += 1
+        w0 = w_hat.expand(kb, c, d)
+        ws, info = _chord_newton(
+            x, y1h, w0, chol, drop, settings.refit_tol, settings.refit_max_iter
+        )
+        it = torch.as_tensor(info.extra["iterations"])
+        gn = torch.as_tensor(info.extra["grad_norms"], dtype=x.dtype)
+        g = risk_gradients(x, y1h, ws, drop, L2)
         # what one more chord step would change in the test loss (the remaining error)
         step = _chol_solve(chol, g.reshape(kb, p)).view(kb, c, d)
         r_t = _probs(x_test, ws.reshape(kb * c, d)).view(kb, c) - y_test1h  # [K, C]
@@ -336,7 +349,7 @@ def run(
     t = time.perf_counter()
     model = LogisticRegression(d, CLASSES, dtype=torch.float64)
     obj = Objective(model, "cross_entropy", l2=L2)
-    theta0, info = fit_lbfgs(obj, (x, y), tol=1e-9, max_iter=3000, on_fail="ignore")
+    theta0, info = fit_lbfgs(obj, (x, y), config=LBFGSConfig(1e-9, 3000, on_fail="ignore"))
     w0 = theta0.view(CLASSES, d)
     timings["lbfgs"] = time.perf_counter() - t
     _log(progress, f"  L-BFGS: {info.iterations} it, ||grad|| {info.grad_norm:.2e}")
@@ -344,7 +357,8 @@ def run(
     hess = multinomial_hessian(x, w0, L2)
     timings["hessian"] = time.perf_counter() - t
     chol = torch.linalg.cholesky(hess)
-    w_hat, fit_gnorm, polish_steps = _polish(x, y1h, w0, chol, L2, cfg.fit_tol)
+    w_hat, polish = _chord_newton(x, y1h, w0[None], chol, None, cfg.fit_tol, 50)
+    w_hat, fit_gnorm, polish_steps = w_hat[0], polish.grad_norm, polish.iterations
     moved = float((w_hat - w0).norm())
     if moved > 1e-8 * float(w_hat.norm()):  # H must be taken at W_hat itself
         hess = multinomial_hessian(x, w_hat, L2)
@@ -427,7 +441,7 @@ def run(
 
     # ---- exact leave-one-out refits
     base = float(_ce(x_test, y_test, w_hat)[0])
-    loo = loo_refits(x, y1h, w_hat, top, chol, x_test, y_test, cfg, progress)
+    loo = loo_refits(x, y1h, w_hat, top, chol, test, cfg, progress)
     actual = loo["test_loss"] - base
     timings["refits"] = loo["seconds"]
 

@@ -50,7 +50,7 @@ from ..apps.attack import (
     TrainingSetAttack,
     eight_bit_level,
 )
-from ..apps.labels import outputs_to_labels
+from ..apps.labels import outputs_to_labels, probability_of_label
 from . import _animals
 
 NAME = "fig5"
@@ -237,18 +237,15 @@ def _multi(
     f_new = atk._features(res.x_poisoned)[0]
     y_i = int(task.y_train[i])
 
-    def p_correct(theta: torch.Tensor, f: torch.Tensor, y: int) -> float:
-        p1 = float(torch.sigmoid(f @ theta))
-        return p1 if y == 1 else 1 - p1
+    def p_correct(theta: torch.Tensor, f: torch.Tensor) -> float:
+        return float(probability_of_label((f @ theta).reshape(1), task.y_train[i : i + 1])[0])
 
     f_poison = f_tr.clone()
     f_poison[i] = f_new
     train_acc_after = float((outputs_to_labels(f_poison @ theta1) == task.y_train).double().mean())
     pred_other = outputs_to_labels(f_tr @ theta0)
     # confidence ranks: the paper's attacked image was the least confident training point
-    conf = torch.where(
-        task.y_train == 1, torch.sigmoid(f_tr @ theta0), torch.sigmoid(-f_tr @ theta0)
-    )
+    conf = probability_of_label(f_tr @ theta0, task.y_train)
     rank_conf = int((conf < conf[i]).sum())
     feats = task.f_train
     centroid_dist_feat = _class_centroid_distance(feats, task.y_train)
@@ -269,8 +266,8 @@ def _multi(
         "poisoned_index": i,
         "poisoned_label": task.classes[y_i],
         "poisoned_l1_rank_score": float(l1[0]),
-        "poisoned_p_correct_before": p_correct(theta0, f_tr[i], y_i),
-        "poisoned_p_correct_after": p_correct(theta1, f_new, y_i),
+        "poisoned_p_correct_before": p_correct(theta0, f_tr[i]),
+        "poisoned_p_correct_after": p_correct(theta1, f_new),
         "poisoned_confidence_rank": rank_conf,
         "lowest_training_confidences": torch.sort(conf).values[:2].tolist(),
         "train_accuracy_before": float((pred_other == task.y_train).double().mean()),
