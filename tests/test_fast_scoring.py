@@ -126,7 +126,7 @@ def test_no_closed_form_where_it_does_not_apply(model: nn.Module, params) -> Non
 def test_jvp_grad_and_auto_scoring_agree() -> None:
     g = torch.Generator().manual_seed(3)
     torch.manual_seed(3)
-    n = 1500  # > 4 * 256: "auto" times the two methods on a probe chunk
+    n = Influence._PROBE_MIN_PASS  # long enough that "auto" times the two methods on a probe
     x = torch.randn(n, 3, generator=g, dtype=DT)
     y = torch.randint(0, 3, (n,), generator=g)
     obj = Objective(MLP(3, 4, 3).to(DT), "cross_entropy", l2=0.1)
@@ -141,6 +141,10 @@ def test_jvp_grad_and_auto_scoring_agree() -> None:
     assert rel_err(res["auto"], res["grad"]) < 1e-12
     costs = inf.diagnostics()["scoring_costs"]
     assert costs["per_example_grad_s"] > 0 and costs["probe_examples"] == 256
+    # a shorter pass is not worth the probe's ~12 chunk passes: the rule of thumb decides
+    short = Influence(obj, (x[:1500], y[:1500]), solver=Exact(), damping=0.5, progress=False)
+    short.fit().score(v)
+    assert "scoring_costs" not in short.diagnostics()
     # and against explicit per-example gradients
     ge = _autograd(obj, x, y, "loss") + 0.1 * obj.theta
     assert rel_err(res["grad"], -(v @ ge.T)) < 1e-12

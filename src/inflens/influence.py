@@ -272,17 +272,25 @@ class Influence:
 
     #: examples in the probe chunk that times the two scoring methods (``scoring="auto"``)
     _PROBE = 256
+    #: the shortest scoring pass worth the probe: it runs about 12 passes over ``_PROBE``
+    #: examples (a warm-up and three timings of three computations), so below this length it
+    #: would cost more than a tenth of the pass it is meant to speed up
+    _PROBE_MIN_PASS = 120 * _PROBE
 
     def _use_jvp(self, k: int, n_scored: int | None = None) -> bool:
         """Forward-mode JVPs (cost ~ ``a + b k``) or per-example gradients (cost ~ ``g``)?
 
         ``"auto"`` measures both once on a small probe chunk of the training data (each timed
         after a warm-up) and picks the cheaper for ``k`` vectors; for passes too short to be
-        worth a measurement it uses JVPs for ``k <= 8``.
+        worth a measurement (under ``_PROBE_MIN_PASS`` examples) it uses JVPs for ``k <= 8``.
         """
         if self.scoring != "auto":
             return self.scoring == "jvp"
-        if n_scored is not None and n_scored <= 4 * self._PROBE:
+        if (
+            n_scored is not None
+            and n_scored < self._PROBE_MIN_PASS
+            and not hasattr(self, "scoring_costs_")
+        ):
             return k <= 8
         cost = self._scoring_costs()
         if cost is None:
