@@ -126,7 +126,7 @@ def test_no_closed_form_where_it_does_not_apply(model: nn.Module, params) -> Non
 def test_jvp_grad_and_auto_scoring_agree() -> None:
     g = torch.Generator().manual_seed(3)
     torch.manual_seed(3)
-    n = Influence._PROBE_MIN_PASS  # long enough that "auto" times the two methods on a probe
+    n = 72 * 256  # long enough that "auto" times the two methods on a probe of 256
     x = torch.randn(n, 3, generator=g, dtype=DT)
     y = torch.randint(0, 3, (n,), generator=g)
     obj = Objective(MLP(3, 4, 3).to(DT), "cross_entropy", l2=0.1)
@@ -141,8 +141,12 @@ def test_jvp_grad_and_auto_scoring_agree() -> None:
     assert rel_err(res["auto"], res["grad"]) < 1e-12
     costs = inf.diagnostics()["scoring_costs"]
     assert costs["per_example_grad_s"] > 0 and costs["probe_examples"] == 256
-    # a shorter pass is not worth the probe's ~12 chunk passes: the rule of thumb decides
-    short = Influence(obj, (x[:1500], y[:1500]), solver=Exact(), damping=0.5, progress=False)
+    # the probe is at most 1/72 of the pass (9 passes over it cost at most an eighth) ...
+    mid = Influence(obj, (x[:1500], y[:1500]), solver=Exact(), damping=0.5, progress=False)
+    mid.fit().score(v)
+    assert mid.diagnostics()["scoring_costs"]["probe_examples"] == 1500 // 72
+    # ... and a pass too short for a probe of 16 examples goes by the rule of thumb
+    short = Influence(obj, (x[:1000], y[:1000]), solver=Exact(), damping=0.5, progress=False)
     short.fit().score(v)
     assert "scoring_costs" not in short.diagnostics()
     # and against explicit per-example gradients

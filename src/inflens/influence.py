@@ -270,53 +270,55 @@ class Influence:
         curv = self._fitted()
         return self.objective.backend.scoring_chunk_size(k, curv.chunk_size, self.n)
 
-    #: examples in the probe chunk that times the two scoring methods (``scoring="auto"``)
+    #: the most examples in the probe chunk that times the two scoring methods
+    #: (``scoring="auto"``)
     _PROBE = 256
-    #: the shortest scoring pass worth the probe: it runs about 12 passes over ``_PROBE``
-    #: examples (a warm-up and three timings of three computations), so below this length it
-    #: would cost more than a tenth of the pass it is meant to speed up
-    _PROBE_MIN_PASS = 120 * _PROBE
+    #: the probe runs 9 passes over its chunk (a warm-up and two timings of three
+    #: computations); a chunk of at most ``1 / _PROBE_SHARE`` of the scored examples keeps
+    #: it under an eighth of the pass it is meant to speed up
+    _PROBE_SHARE = 72
+    _PROBE_MIN = 16
 
     def _use_jvp(self, k: int, n_scored: int | None = None) -> bool:
         """Forward-mode JVPs (cost ~ ``a + b k``) or per-example gradients (cost ~ ``g``)?
 
-        ``"auto"`` measures both once on a small probe chunk of the training data (each timed
-        after a warm-up) and picks the cheaper for ``k`` vectors; for passes too short to be
-        worth a measurement (under ``_PROBE_MIN_PASS`` examples) it uses JVPs for ``k <= 8``.
+        ``"auto"`` measures both once on a probe chunk of the training data (each timed
+        after a warm-up), of at most ``1/72`` of the scored examples, and picks the cheaper
+        for ``k`` vectors; for passes too short for a probe of 16 examples it uses JVPs for
+        ``k <= 8``.
         """
         if self.scoring != "auto":
             return self.scoring == "jvp"
-        if (
-            n_scored is not None
-            and n_scored < self._PROBE_MIN_PASS
-            and not hasattr(self, "scoring_costs_")
-        ):
+        n = self.n if n_scored is None else n_scored
+        if n < self._PROBE_MIN * self._PROBE_SHARE and not hasattr(self, "scoring_costs_"):
             return k <= 8
-        cost = self._scoring_costs()
+        cost = self._scoring_costs(n)
         if cost is None:
             return k <= 8
         return cost["jvp_fixed_s"] + cost["jvp_per_vector_s"] * k < cost["per_example_grad_s"]
 
-    def _scoring_costs(self) -> dict[str, float] | None:
+    def _scoring_costs(self, n_scored: int) -> dict[str, float] | None:
         if hasattr(self, "scoring_costs_"):
             return self.scoring_costs_
         self.scoring_costs_: dict[str, float] | None = None
         obj = self.objective
         if obj.backend.closed_form_scoring:
             return None  # the closed form is used for any k
-        probe = min(self._PROBE, self.n, self._fitted().chunk_size)  # within the budget
-        x, y = self._get_train(torch.arange(probe))
+        probe = min(  # within the budget and a small share of the pass
+            self._PROBE, self.n, self._fitted().chunk_size, n_scored // self._PROBE_SHARE
+        )
+        x, y = self._get_train(torch.arange(max(1, probe)))
         g = torch.Generator(device="cpu").manual_seed(0)
         vecs = torch.randn(4, obj.p, generator=g, dtype=obj.dtype).to(obj.device)
 
         def timed(fn) -> float:
             fn()  # warm-up: lazy initialisation, allocator
             runs = []
-            for _ in range(3):
+            for _ in range(2):
                 t = time.perf_counter()
                 fn()
                 runs.append(time.perf_counter() - t)
-            return sorted(runs)[1]
+            return min(runs)
 
         try:
             with obj.evaluating():
