@@ -1,4 +1,22 @@
-"""docs/reproduction.md's results table against the committed metrics files.
+"""docs/reproduction.md and docs/reproduction/*.md against the committed metrics files.
+
+Two checks.
+
+1. The results table of docs/reproduction.md (keyed sources, below).
+2. Every other number in those documents (prose and tables, outside headings, code spans, code
+   blocks, link targets and references such as "Fig 2", "Sec. 5.2", "PROTOCOL 4.3", "§7")
+   must sit in a labelled block:
+
+   - ``<!-- checked: PATH[, PATH...] -->`` ... ``<!-- /checked -->``: each number must equal, at
+     its printed precision, some numeric value in one of the named JSON files (paths relative
+     to ``docs/``). This is weaker than the table's keyed sources: it proves the number occurs
+     in the committed metrics, not that it is the value of the key the sentence means.
+   - ``<!-- unchecked: REASON -->`` ... ``<!-- /unchecked -->``: numbers the test skips (older
+     runs whose metrics are not committed, exploratory scripts, the paper's values, settings).
+     The reason is required, so an unsourced number is at least labelled as such.
+
+   A number outside any block fails the test. The per-experiment sections of
+   docs/reproduction.md must equal docs/reproduction/<name>.md, so the labels hold for both.
 
 The table sits between ``<!-- results-table:begin -->`` and ``<!-- results-table:end -->`` with
 the columns ``target | paper | ours | source | commit | met?``. Every number (and every
@@ -6,7 +24,8 @@ the columns ``target | paper | ours | source | commit | met?``. Every number (an
 ``path#key`` entries separated by ``;`` (path relative to ``docs/``, key a dotted path with
 ``[i]`` list indices and ``["..."]`` for keys containing dots). The number must equal the JSON
 value to the precision it is printed with. The commit cell is the file's provenance commit
-(first 7 hex digits), or contains ``not re-run`` for a file without provenance.
+(``provenance.git.commit``, or a top-level ``git.commit``; first 7 hex digits), or contains
+``not re-run`` for a file without either.
 """
 
 from __future__ import annotations
@@ -128,7 +147,10 @@ def check(rows: list[Row], docs: Path) -> list[str]:
                 continue
             if not matches(tok, value):
                 problems.append(f"{row.target}: printed {tok}, {path}#{key} = {value!r}")
-            prov = metrics.get("provenance")
+            # a run's provenance block, or (metrics_paper_protocol_trend.json) its top-level git
+            prov = metrics.get("provenance") or (
+                {"git": metrics["git"]} if "git" in metrics else None
+            )
             commits.add(prov["git"]["commit"][:7] if prov else "not re-run")
         for c in commits:
             if c not in row.commit:
@@ -267,3 +289,143 @@ def test_reproduce_all_wraps_runs_records_provenance_and_resumes(tmp_path: Path)
         ra.run_all(exps, ra.ReproduceAllConfig(tmp_path, only=("zz",)), log=lambda _: None)
     with pytest.raises(ra.InputError, match="mode"):
         ra.ReproduceAllConfig(tmp_path, mode="fast")
+
+
+# ------------------------------------------------------------------ prose outside the table
+
+# markers stand on lines of their own
+CHECKED = re.compile(
+    r"^<!--\s*checked:(?P<arg>[^\n]*?)-->\s*$(?P<body>.*?)^<!--\s*/checked\s*-->\s*$", re.S | re.M
+)
+UNCHECKED = re.compile(
+    r"^<!--\s*unchecked:(?P<arg>[^\n]*?)-->\s*$(?P<body>.*?)^<!--\s*/unchecked\s*-->\s*$",
+    re.S | re.M,
+)
+CODE = [re.compile(r"```.*?```", re.S), re.compile(r"`[^`\n]*`")]
+TABLE = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+# what is not a quoted number: code, comments, link targets, anchors, and references to the
+# paper's figures/sections/equations and to PROTOCOL.md sections
+NOT_QUOTED = [
+    re.compile(r"```.*?```", re.S),
+    re.compile(r"`[^`\n]*`"),
+    re.compile(r"<!--.*?-->", re.S),
+    re.compile(r"<a id=[^>]*>"),
+    re.compile(r"\]\([^)]*\)"),
+    re.compile(
+        r"\b(?:Figs?\.?|Figures?|Sec\.|Sections?|PROTOCOL(?:\.md)?|Appendix|eqs?\.|issue)"
+        r"\s*#?\d+(?:\.\d+)*(?:\s*(?:and|,|-|–|/)\s*\d+(?:\.\d+)*)*",
+        re.I,
+    ),
+    re.compile(r"§\s*\d+(?:\.\d+)*"),
+    re.compile(r"^#+ .*$", re.M),  # headings name a setting ("MNIST 1 vs 7"), quote no result
+    re.compile(r"Koh (?:&|and) Liang,? \(?2017\)?"),
+]
+SECTIONS = ["fig1", "fig2-linear", "fig2-cnn", "fig3", "fig4", "fig5", "hospital", "fig6"]
+
+
+def quoted_numbers(text: str) -> list[str]:
+    """The numbers ``text`` quotes (booleans, code, links and references left out)."""
+    for pattern in NOT_QUOTED:
+        text = pattern.sub(" ", text)
+    return [t for t in tokens(text) if t not in ("true", "false")]
+
+
+def _numeric_leaves(obj: Any) -> list[float]:
+    if isinstance(obj, dict):
+        return [v for x in obj.values() for v in _numeric_leaves(x)]
+    if isinstance(obj, list):
+        return [v for x in obj for v in _numeric_leaves(x)]
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return [obj]
+    return []
+
+
+def check_prose(text: str, docs: Path, where: str) -> list[str]:
+    """Every problem with the numbers of ``text`` outside the results table (see the module
+    docstring); empty when each is in a checked block and found there, or labelled unchecked."""
+    problems = []
+    for pattern in CODE:  # a marker quoted in code is not a marker
+        text = pattern.sub(" ", text)
+    for m in CHECKED.finditer(text):
+        paths = [p.strip() for p in m["arg"].split(",") if p.strip()]
+        values: list[float] = []
+        for path in paths:
+            file = docs / path
+            if not file.is_file():
+                problems.append(f"{where}: checked block names {path}, which does not exist")
+                continue
+            values += _numeric_leaves(json.loads(file.read_text()))
+        if not paths:
+            problems.append(f"{where}: checked block without a metrics file")
+        if "checked:" in m["body"]:
+            problems.append(f"{where}: nested labelled block inside a checked block")
+        for tok in quoted_numbers(m["body"]):
+            if not any(matches(tok, v) for v in values):
+                problems.append(f"{where}: {tok} (checked block) is in none of {paths}")
+    for m in UNCHECKED.finditer(text):
+        if len(m["arg"].strip()) < 10:
+            problems.append(f"{where}: unchecked block without a reason")
+    rest = UNCHECKED.sub(" ", CHECKED.sub(" ", TABLE.sub(" ", text)))
+    for marker in ("checked:", "/checked", "unchecked:", "/unchecked"):
+        if marker in rest:
+            problems.append(f"{where}: unbalanced {marker!r} marker")
+    for line in rest.splitlines():
+        nums = quoted_numbers(line)
+        if nums:
+            problems.append(f"{where}: unlabelled numbers {nums} in: {line.strip()[:100]}")
+    return problems
+
+
+def section_copies(text: str) -> dict[str, str]:
+    """The per-experiment sections of docs/reproduction.md, figure links as in the section files."""
+    out = {}
+    anchors = [
+        (text.index(f'<a id="{n}"></a>'), n) for n in SECTIONS if f'<a id="{n}"></a>' in text
+    ]
+    anchors.sort()
+    for j, (start, name) in enumerate(anchors):
+        end = anchors[j + 1][0] if j + 1 < len(anchors) else len(text)
+        body = text[start:end].split("</a>", 1)[1].strip()
+        out[name] = body.replace("](reproduction/figures/", "](figures/")
+    return out
+
+
+def test_reproduction_sections_are_the_section_files() -> None:
+    copies = section_copies((DOCS / "reproduction.md").read_text())
+    assert set(copies) == set(SECTIONS)
+    for name, body in copies.items():
+        assert body == (DOCS / "reproduction" / f"{name}.md").read_text().strip(), name
+
+
+@pytest.mark.parametrize(
+    "doc", ["reproduction.md", *[f"reproduction/{n}.md" for n in SECTIONS]], ids=str
+)
+def test_every_number_in_the_docs_is_checked_or_labelled_unchecked(doc: str) -> None:
+    assert check_prose((DOCS / doc).read_text(), DOCS, doc) == []
+
+
+def test_prose_checker_catches_wrong_unlabelled_and_unreasoned_numbers(tmp_path: Path) -> None:
+    docs = _bad_docs(tmp_path)
+    good = (
+        "Intro, see Fig 2 and Sec. 5.2 and PROTOCOL 4.3 (Koh & Liang 2017), `run --steps 500`.\n"
+        "<!-- checked: exp/metrics.json -->\nR was 0.734 on 11,894 points.\n<!-- /checked -->\n"
+        "<!-- unchecked: older exploratory run, metrics not committed -->\nR 0.5\n"
+        "<!-- /unchecked -->\n"
+    )
+    assert check_prose(good, docs, "d") == []
+    cases = {
+        "R was 0.735 here": "none of",  # wrong number in a checked block
+        "R was 12 here": "none of",
+    }
+    for body, why in cases.items():
+        text = f"<!-- checked: exp/metrics.json -->\n{body}\n<!-- /checked -->"
+        problems = check_prose(text, docs, "d")
+        assert len(problems) == 1 and why in problems[0], problems
+    problems = check_prose(good + "and then R = 0.9 unlabelled\n", docs, "d")
+    assert len(problems) == 1 and "unlabelled numbers ['0.9']" in problems[0], problems
+    problems = check_prose("<!-- unchecked: x -->\n3\n<!-- /unchecked -->", docs, "d")
+    assert problems == ["d: unchecked block without a reason"]
+    problems = check_prose("<!-- checked: nope.json -->\n1\n<!-- /checked -->", docs, "d")
+    assert any("does not exist" in p for p in problems)
+    problems = check_prose("<!-- unchecked: a good reason here -->\n3\n", docs, "d")
+    assert any("unbalanced" in p for p in problems) and any("['3']" in p for p in problems)

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from inflens import Objective
+from inflens.errors import InputError
 from inflens.experiments import fig2_cnn as f2
+from inflens.solvers import CG, Exact
 from inflens.train import AdamConfig, fit_adam, piecewise_constant
 
 DT = torch.float64
@@ -177,3 +179,174 @@ def test_quick_variant_predicts_the_sign_of_retraining(
     assert agree >= chance + 0.18, (agree, chance)
     # measured 0.588; a random predictor on 16 points exceeds 0.4 with probability ~6%
     assert m["pearson_vs_continuation"] > 0.4
+
+
+# ---------------------------------------------------------------- paper protocol (paper_run)
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg"])
+def test_per_parameter_l2_predictions_match_an_explicit_hessian(solver: str):
+    """pred = g_test^T (H_loss + diag(l2) + damping I)^-1 (g_i + l2 * theta) / n, with the
+    Hessian formed independently by autograd; the biases carry no l2."""
+    model, x, y = _problem(n=29, seed=2)
+    obj = Objective(model, "cross_entropy", l2=0.0)
+    l2 = torch.zeros(obj.p, dtype=DT)
+    for name, (a, b) in obj.offsets().items():
+        if name.endswith("weight"):
+            l2[a:b] = 0.05
+    assert 0 < int((l2 == 0).sum()) < obj.p  # biases unregularised, weights regularised
+    damping = 0.5  # the random network is not at a minimum: enough damping for a PD matrix
+    theta = obj.theta.clone()
+    xt, yt = x[:1] + 0.3, y[:1]
+
+    def risk(th):
+        return obj.losses(th, x, y).mean()
+
+    h = torch.autograd.functional.hessian(risk, theta) + torch.diag(l2 + damping)
+    assert torch.linalg.eigvalsh(h).min() > 0  # a well-posed reference
+    g_test = torch.autograd.grad(obj.losses(theta.requires_grad_(), xt, yt).sum(), theta)[0]
+    rows = []
+    for i in range(len(y)):
+        th = theta.detach().requires_grad_()
+        rows.append(torch.autograd.grad(obj.losses(th, x[i : i + 1], y[i : i + 1]).sum(), th)[0])
+    g_train = torch.stack(rows) + l2 * theta.detach()
+    ref = g_train @ torch.linalg.solve(h, g_test) / len(y)
+
+    sol = Exact() if solver == "exact" else CG(tol=1e-12, max_iter=500)
+    got, info = f2.per_parameter_l2_predictions(obj, (x, y), (xt, yt), l2, damping, sol)
+    # float64, condition number of h below 1e4: 1e-9 relative leaves a wide margin
+    assert torch.allclose(got, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+    assert info["solver"] == solver and info["curvature"] == "hessian"
+    # the Gauss-Newton variant: the dense path (Exact) and the matrix-free one (CG) agree, so
+    # both include the per-parameter l2
+    ggn_exact, _ = f2.per_parameter_l2_predictions(
+        obj, (x, y), (xt, yt), l2, damping, Exact(), curvature="ggn"
+    )
+    ggn_cg, _ = f2.per_parameter_l2_predictions(
+        obj, (x, y), (xt, yt), l2, damping, CG(tol=1e-12, max_iter=500), curvature="ggn"
+    )
+    assert torch.allclose(ggn_exact, ggn_cg, rtol=1e-8, atol=1e-9 * float(ggn_exact.abs().max()))
+    # the per-parameter l2 matters: a scalar l2 on the biases too gives other predictions
+    other, _ = f2.per_parameter_l2_predictions(
+        obj, (x, y), (xt, yt), torch.full_like(l2, 0.05), damping, Exact()
+    )
+    assert (other - ref).abs().max() > 1e-3 * ref.abs().max()
+
+
+def test_weight_l2_covers_the_weights_not_the_biases():
+    model = f2.PaperCNN(dtype=torch.float32)
+    obj = Objective(model, "cross_entropy", l2=0.0)
+    vec = f2.weight_l2(model, obj)
+    assert obj.p == 2616 and int((vec == f2.L2).sum()) == 2556 and int((vec == 0).sum()) == 60
+
+
+def test_paper_config_is_the_paper_and_validates():
+    cfg = f2.PaperConfig()
+    assert (cfg.train_steps, cfg.retrain_steps, cfg.k, cfg.batch_size) == (
+        500_000,
+        30_000,
+        100,
+        500,
+    )
+    assert (cfg.lr, cfg.damping, cfg.solver) == (1e-4, 0.01, "exact")
+    sched = piecewise_constant(list(cfg.boundaries), list(cfg.factors))
+    assert cfg.lr * sched(cfg.train_steps) == pytest.approx(1e-6)
+    with pytest.raises(InputError, match="solver"):
+        f2.PaperConfig(solver="lissa")
+
+
+TINY = dict(
+    train_steps=8,
+    retrain_steps=6,
+    batch_size=20,
+    k=3,
+    n_train=40,
+    solver="cg",
+    cg_tol=1e-3,
+    cg_max_iter=5,
+    chunk_steps=4,
+    report_steps=(3,),
+)
+
+
+@pytest.mark.realdata
+@pytest.mark.filterwarnings("ignore:CG stopped")  # 5 CG iterations: resumption is tested here
+def test_paper_run_resumes_after_a_kill_with_the_same_result(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Kill the run in training and again in retraining; the resumed run's numbers equal an
+    uninterrupted run's (the same arithmetic is replayed from the checkpoints)."""
+    if not (shared_data / "mnist" / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST not available in {shared_data / 'mnist'}")
+    cfg = f2.PaperConfig(**TINY)
+    train, test = f2._paper_data(shared_data, cfg.n_train)
+    ref = f2.paper_run(cfg, train, test, tmp_path / "ref", progress=False)
+
+    real = f2.fit_adam
+    calls = {"n": 0, "limit": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["limit"]:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(f2, "fit_adam", dying)
+    for limit in (2, 6):  # chunk 2 of training; a chunk in the middle of the retraining
+        calls.update(n=0, limit=limit)
+        with pytest.raises(KeyboardInterrupt):
+            f2.paper_run(cfg, train, test, out, progress=False)
+    assert (out / "train_8.safetensors").is_file() and (out / "retrain_8_6.json").is_file()
+    assert (out / "influence_8.safetensors").is_file()  # the Hessian is not recomputed
+    monkeypatch.setattr(f2, "fit_adam", real)
+    got = f2.paper_run(cfg, train, test, out, progress=False)
+    assert got["loo"]["indices"] == ref["loo"]["indices"]
+    # identical operations in the same order: equal up to float32 round-off at most
+    np.testing.assert_allclose(got["loo"]["predicted"], ref["loo"]["predicted"], rtol=1e-6)
+    np.testing.assert_allclose(got["loo"]["actual"], ref["loo"]["actual"], rtol=1e-5, atol=1e-8)
+    assert got["pearson"] == pytest.approx(ref["pearson"], abs=1e-6)
+    assert set(got["by_retrain_steps"]) == {"3", "6"}
+    assert got["p"] == 2616 and got["curvature"] in ("hessian", "ggn")
+
+
+def test_paper_trend_writes_each_rung_and_keeps_earlier_rungs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The trend file is rewritten after every rung; a second call skips finished rungs and the
+    full-protocol estimate is (500k + 101 x 30k) steps at the slowest measured retraining rate."""
+    ran: list[tuple[int, int]] = []
+
+    def fake_run(cfg, train, test, out, progress=True):
+        ran.append((cfg.train_steps, cfg.retrain_steps))
+        secs = {"train": 1.0, "influence": 1.0, "retrain": (cfg.k + 1) * cfg.retrain_steps / 10}
+        by = {str(cfg.retrain_steps): {"pearson": 0.5, "sign_agreement": 0.8}}
+        return {
+            "config": {"k": cfg.k},
+            "pearson": 0.5,
+            "slope": 2.0,
+            "sign_agreement": 0.8,
+            "by_retrain_steps": by,
+            "curvature": "ggn",
+            "hessian_indefinite": "indefinite",
+            "solver_info": {"solver": "cg", "iterations": [3]},
+            "train_risk": 1.0,
+            "test_loss_at_theta_tilde": 2.0,
+            "seconds": secs,
+        }
+
+    monkeypatch.setattr(f2, "paper_run", fake_run)
+    monkeypatch.setattr(f2, "_paper_data", lambda d, n: (None, None))
+    base = f2.PaperConfig(k=3)
+    trend = f2.paper_trend([(10, 4), (20, 8)], tmp_path, base=base, progress=False)
+    assert ran == [(10, 4), (20, 8)] and len(trend["rungs"]) == 2
+    assert trend["rungs"][0]["adam_steps_per_second"] == pytest.approx(10.0)
+    assert trend["full_protocol_hours_at_measured_rate"] == pytest.approx(
+        (500_000 + 101 * 30_000) / 10.0 / 3600
+    )
+    assert trend["rungs"][1]["hessian_indefinite"] is True
+    ran.clear()
+    trend = f2.paper_trend([(10, 4), (40, 4)], tmp_path, base=base, progress=False)
+    assert ran == [(40, 4)] and [r["train_steps"] for r in trend["rungs"]] == [10, 20, 40]
+    saved = json.loads((tmp_path / "metrics_paper_protocol_trend.json").read_text())
+    assert saved["rungs"] == trend["rungs"] and saved["paper_pearson"] == 0.86
