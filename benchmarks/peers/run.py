@@ -21,7 +21,9 @@ Task (a) is described below; tasks (b) and (c) use the same methods and metrics:
   ``J^T Lambda J / n + (l2 + 0.01) I`` built here with torch.func (independently of every
   library). Actual leave-one-out: not retrained here (hours of CPU); the measured changes of
   the 120-step warm-started retraining of ``runs/fig2-cnn-r120/loo_checkpoint.json`` are reused
-  (its 100 points are the top 100 of that run's inflens CG prediction).
+  (its 100 points are the top 100 of that run's inflens CG prediction). ``--cnn-theta`` takes
+  theta-tilde from another file (``cnn_theta.py`` trains it again); without that run, or with
+  another theta, the leave-one-out column stays empty and only the oracle is compared.
 
 For every task "matched" sets a peer's damping/regularisation to ``l2 + damping`` (the peers'
 losses carry no l2 term), "default" leaves the peer's defaults.
@@ -72,20 +74,27 @@ LOO_K = 100
 METHODS = [
     "inflens.exact",
     "inflens.cg",
+    "inflens.lissa",
+    "inflens.arnoldi",
     "pydvl.direct.default",
     "pydvl.direct.matched",
     "pydvl.cg.default",
     "pydvl.cg.matched",
+    "pydvl.lissa.default",
+    "pydvl.lissa.matched",
+    "pydvl.arnoldi.matched",
     "captum.naive.default",
     "captum.naive.matched",
     "dattri.explicit.default",
     "dattri.explicit.matched",
     "dattri.cg.default",
     "dattri.cg.matched",
+    "dattri.lissa.default",
+    "dattri.lissa.matched",
     "kronfluence.ekfac.default",
     "kronfluence.ekfac.matched",
 ]
-PEERS = METHODS[2:]
+PEERS = METHODS[4:]
 
 # per task: l2 (on the mean loss), damping (inflens; peers' "matched" = l2 + damping), batch size
 # of the peers' data loaders (None: all n at once), inflens methods
@@ -95,11 +104,12 @@ TASKS: dict[str, dict] = {
     "b": {"name": "mnist-logreg", "l2": 0.01, "damping": 0.0, "batch": 5000,
           "curvature": "hessian",
           "methods": ["inflens.exact", "inflens.cg", "inflens.pcg", "inflens.pcg-tol1e-1",
-                      "inflens.pcg-tol1e-4", "inflens.kfac", "inflens.ekfac", *PEERS],
+                      "inflens.pcg-tol1e-4", "inflens.kfac", "inflens.ekfac", "inflens.lissa",
+                      "inflens.arnoldi", *PEERS],
           "out": "runs/bench_peers_b"},
     "c": {"name": "mnist-cnn", "l2": 1e-3, "damping": 0.01, "batch": 1100, "curvature": "ggn",
           "methods": ["inflens.exact", "inflens.cg", "inflens.ekfac", "inflens.ekfac-sampled",
-                      *PEERS],
+                      "inflens.lissa", "inflens.arnoldi", *PEERS],
           "out": "runs/bench_peers_c"},
 }  # fmt: skip
 # families whose cost does not fall with regularisation (forming the dense Hessian): when one
@@ -372,7 +382,8 @@ def build_task_c(cfg: dict, out: Path, n_train: int | None, data_dir: Path) -> d
     ytr = torch.from_numpy(small["y_train"][:n_train]).long()
     xte = torch.from_numpy(split["x_test"][TEST_C]).double().contiguous()
     yte = torch.from_numpy(split["y_test"][TEST_C]).long()
-    with safe_open(str(CNN_THETA), framework="pt") as f:
+    theta_path = Path(cfg.get("cnn_theta") or CNN_THETA)
+    with safe_open(str(theta_path), framework="pt") as f:
         theta = f.get_tensor("theta").double()
     model = cnn_model(theta)
     obj = Objective(model, "cross_entropy", l2=cfg["l2"])
@@ -384,7 +395,7 @@ def build_task_c(cfg: dict, out: Path, n_train: int | None, data_dir: Path) -> d
         str(out / "task.safetensors"),
     )
     return {"n": len(ytr), "p": obj.p, "l2": cfg["l2"], "damping": cfg["damping"],
-            "test_indices": TEST_C, "test_loss_0": loss0, "theta_from": str(CNN_THETA)}  # fmt: skip
+            "test_indices": TEST_C, "test_loss_0": loss0, "theta_from": str(theta_path)}  # fmt: skip
 
 
 def oracle_c(t: dict, l2: float, damping: float, chunk: int = 100) -> np.ndarray:
@@ -429,8 +440,13 @@ def oracle_c(t: dict, l2: float, damping: float, chunk: int = 100) -> np.ndarray
     return -(s_test @ (gtr + l2 * t["theta"]).T).numpy()
 
 
-def leave_one_out_c(n: int) -> dict | None:
-    """The measured actual changes of the fig2-cnn 120-step run (reused, not retrained)."""
+def leave_one_out_c(n: int, theta_path: str | None = None) -> dict | None:
+    """The measured actual changes of the fig2-cnn 120-step run (reused, not retrained), or
+    None where they do not apply: another theta-tilde (``--cnn-theta``) or no such run here."""
+    if (theta_path and Path(theta_path) != CNN_THETA) or not CNN_LOO.is_dir():
+        print(f"[c] no leave-one-out actuals: {CNN_LOO} is missing or theta-tilde is "
+              f"{theta_path}; only the exact damped Gauss-Newton oracle", flush=True)  # fmt: skip
+        return None
     ck = json.loads((CNN_LOO / "loo_checkpoint.json").read_text())
     met = json.loads((CNN_LOO / "metrics.json").read_text())
     if ck["config"]["n"] != n:
@@ -462,8 +478,8 @@ def inflens_solver(algo: str, cfg: dict):
 
     if cfg["task"] == "c" and algo == "cg":
         return CG(tol=cfg.get("cg_tol", 1e-4), max_iter=cfg.get("cg_max_iter"))
-    if cfg["task"] == "c" and algo == "arnoldi":
-        return Arnoldi(rank=cfg.get("arnoldi_rank", 200))
+    if algo == "arnoldi" and cfg.get("arnoldi_rank") is not None:  # else: the default
+        return Arnoldi(rank=cfg["arnoldi_rank"])
     if algo == "pcg":  # CG on the exact Hessian, preconditioned by K-FAC, looser tolerance
         return CG(tol=cfg.get("pcg_tol", 1e-2), preconditioner="kfac")
     if algo in ("kfac-sampled", "ekfac-sampled"):  # one sampled backward pass per chunk
@@ -502,12 +518,26 @@ def run_method(name: str, t: dict, tmp: Path, cfg: dict) -> torch.Tensor:
         return inf.loss_influence((xte, yte))
     if lib == "pydvl":
         from pydvl.influence import InfluenceMode
-        from pydvl.influence.torch import CgInfluence, DirectInfluence
+        from pydvl.influence.torch import (
+            ArnoldiInfluence,
+            CgInfluence,
+            DirectInfluence,
+            LissaInfluence,
+        )
 
-        cls = DirectInfluence if algo == "direct" else CgInfluence
-        inf = cls(model, F.cross_entropy, regularization=reg_value if matched else None)
+        cls = {"direct": DirectInfluence, "cg": CgInfluence, "lissa": LissaInfluence,
+               "arnoldi": ArnoldiInfluence}[algo]  # fmt: skip
+        # Arnoldi: rank 200 of p (pyDVL's default is 10), at most p
+        kw = {"rank": min(200, p)} if algo == "arnoldi" else {}
+        inf = cls(model, F.cross_entropy, regularization=reg_value if matched else None, **kw)
         inf = inf.fit(loader)
-        return inf.influences(xte, yte, xtr, ytr, mode=InfluenceMode.Up)
+        # influences() = influence_factors() then influences_from_factors(); the training side
+        # in the loader's batches keeps the [n, p] gradients out of memory (same numbers)
+        fac = inf.influence_factors(xte, yte)
+        return torch.cat(
+            [inf.influences_from_factors(fac, xb, yb, mode=InfluenceMode.Up) for xb, yb in loader],
+            1,
+        )
     if lib == "captum":
         from captum.influence import NaiveInfluenceFunction
 
@@ -523,13 +553,21 @@ def run_method(name: str, t: dict, tmp: Path, cfg: dict) -> torch.Tensor:
         )
         return inf.influence((xte, yte))
     if lib == "dattri":
-        from dattri.algorithm.influence_function import IFAttributorCG, IFAttributorExplicit
+        from dattri.algorithm.influence_function import (
+            IFAttributorCG,
+            IFAttributorExplicit,
+            IFAttributorLiSSA,
+        )
         from dattri.task import AttributionTask
 
         def loss_func(params, data):
             xb, yb = data
             xb = xb if xb.ndim == 2 else xb.unsqueeze(0)
             yb = yb if yb.ndim == 1 else yb.unsqueeze(0)
+            # dattri's LiSSA casts every data tensor to float32 (lissa_collate_fn): back to the
+            # model's dtype and integer labels (float labels would be soft targets)
+            xb = xb.to(next(iter(params.values())).dtype)
+            yb = yb.long()
             out = torch.func.functional_call(model, params, (xb,))
             return F.cross_entropy(out, yb)
 
@@ -537,8 +575,11 @@ def run_method(name: str, t: dict, tmp: Path, cfg: dict) -> torch.Tensor:
         # batches (sum_b H_b^-1 v, not H^-1 v), so several batches would change its answer
         loader = DataLoader(TensorDataset(xtr, ytr), batch_size=n)
         task = AttributionTask(loss_func=loss_func, model=model, checkpoints=model.state_dict())
-        cls = IFAttributorExplicit if algo == "explicit" else IFAttributorCG
+        cls = {"explicit": IFAttributorExplicit, "cg": IFAttributorCG,
+               "lissa": IFAttributorLiSSA}[algo]  # fmt: skip
         kw = {"regularization": reg_value} if matched else {}
+        if algo == "lissa":  # fixed point (H + scaling * damping I)^-1 v: damping = reg / 50
+            kw = {"damping": reg_value / 50.0} if matched else {}
         attr = cls(task=task, device="cpu", **kw)
         attr.cache(loader)
         test_loader = DataLoader(TensorDataset(xte, yte), batch_size=len(yte))
@@ -662,9 +703,20 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=None, help="tasks b, c: first N points only")
     ap.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     ap.add_argument("--mem-gb", type=float, default=14.0, help="address-space limit per method")
+    ap.add_argument(
+        "--cnn-theta",
+        default=None,
+        help=f"task c: theta-tilde safetensors (default {CNN_THETA}; benchmarks/peers/cnn_theta.py "
+        "trains one)",
+    )
     ap.add_argument("--cg-tol", type=float, default=1e-4, help="task c: inflens CG tolerance")
     ap.add_argument("--cg-max-iter", type=int, default=10, help="task c: inflens CG iterations")
-    ap.add_argument("--arnoldi-rank", type=int, default=200, help="task c: inflens Arnoldi rank")
+    ap.add_argument(
+        "--arnoldi-rank",
+        type=int,
+        default=None,
+        help="inflens Arnoldi rank (default: Arnoldi()'s rank chosen from the spectrum)",
+    )
     ap.add_argument(
         "--pcg-tol", type=float, default=1e-2, help="inflens.pcg: K-FAC-preconditioned CG tolerance"
     )
@@ -674,12 +726,21 @@ def main() -> None:
         help="reuse the task, oracle and LOO in --out and merge the rows into its results.json",
     )
     ap.add_argument("--print-table", action="store_true", help="print --out's table and exit")
+    ap.add_argument(
+        "--collect",
+        action="store_true",
+        help="build the table from the per-method files already in --out (a run stopped before "
+        "its end) without running anything; writes results.json",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     cfg = {**TASKS[args.task], "task": args.task}
     out = args.out or Path(cfg["out"])
     if args.print_table:
         print(table(json.loads((out / "results.json").read_text())))
+        return
+    if args.collect:
+        collect(args.task, json.loads((out / "task.json").read_text()), out, args.methods)
         return
     out.mkdir(parents=True, exist_ok=True)
     budget = args.repeat_budget if args.repeat_budget is not None else args.timeout / 2
@@ -688,8 +749,8 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     methods = args.methods or cfg["methods"]
-    cfg.update(cg_tol=args.cg_tol, cg_max_iter=args.cg_max_iter, arnoldi_rank=args.arnoldi_rank,
-               pcg_tol=args.pcg_tol)  # fmt: skip
+    cfg.update(cnn_theta=args.cnn_theta, cg_tol=args.cg_tol, cg_max_iter=args.cg_max_iter,
+               arnoldi_rank=args.arnoldi_rank, pcg_tol=args.pcg_tol)  # fmt: skip
     prev = None
     if args.reuse:  # task, oracle and leave-one-out of an earlier run in --out; merge the rows
         prev = json.loads((out / "results.json").read_text())
@@ -697,9 +758,11 @@ def main() -> None:
         oracle_loo = prev["oracle_loo_pearson"]
         exact = np.load(out / "oracle.npy")
         if args.task == "c":
-            loo = leave_one_out_c(info["n"])
+            loo = leave_one_out_c(info["n"], cfg.get("cnn_theta"))
         else:
             loo = json.loads((out / "loo.json").read_text())
+        # this command's method options (the workers read them; the task itself is reused)
+        (out / "task.json").write_text(json.dumps(cfg))
         print(f"reusing the task, oracle and leave-one-out in {out}", flush=True)
     else:
         t0 = time.perf_counter()
@@ -728,7 +791,7 @@ def main() -> None:
         elif args.task == "b":
             loo = leave_one_out_b(t, exact, cfg["l2"], out)
         else:
-            loo = leave_one_out_c(info["n"])
+            loo = leave_one_out_c(info["n"], cfg.get("cnn_theta"))
         info["loo_s"] = time.perf_counter() - t0
         # the LOO retrains must agree with the oracle for it to be a fair yardstick
         oracle_loo = float("nan")
@@ -815,6 +878,37 @@ def main() -> None:
         rows = [merged[m] for m in order] + [r for m, r in merged.items() if m not in order]
     result = {"task": cfg["name"], "task_key": args.task, **info, "n_test": N_TEST,
               "oracle_loo_pearson": oracle_loo, "timeout_s": args.timeout, "rows": rows}  # fmt: skip
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    print(table(result))
+
+
+def collect(task: str, cfg: dict, out: Path, methods: list[str] | None) -> None:
+    """Rows from the per-method files (``NAME.json`` and ``NAME.safetensors``, written by the
+    workers after every finished run) of a run in ``out`` that was stopped before its end."""
+    t = load_file(str(out / "task.safetensors"))
+    exact = np.load(out / "oracle.npy")
+    info = {"n": len(t["ytr"]), "p": t["theta"].numel(), "l2": cfg["l2"],
+            "damping": cfg["damping"]}  # fmt: skip
+    if task == "c":
+        loo = leave_one_out_c(info["n"], cfg.get("cnn_theta"))
+    else:
+        loo = json.loads((out / "loo.json").read_text()) if (out / "loo.json").exists() else None
+    oracle_loo = float("nan")
+    if loo is not None:
+        oracle_loo = float(stats.pearsonr(exact[0, loo["indices"]] / -info["n"], loo["actual"])[0])
+    rows = []
+    for name in methods or cfg["methods"]:
+        if not (out / f"{name}.json").exists():
+            rows.append({"method": name, "error": "not run or no run finished before the stop"})
+            continue
+        w = json.loads((out / f"{name}.json").read_text())
+        sc = load_file(str(out / f"{name}.safetensors"))["scores"].numpy()
+        row = {"method": name, "time_s": statistics.median(w["times"]), "times": w["times"],
+               "runs": len(w["times"]), "peak_mb": w["peak_mb"], "note": "collected"}  # fmt: skip
+        row.update(metrics(sc, exact, loo))
+        rows.append(row)
+    result = {"task": cfg["name"], "task_key": task, **info, "n_test": N_TEST,
+              "oracle_loo_pearson": oracle_loo, "rows": rows}  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(table(result))
 
