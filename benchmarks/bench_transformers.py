@@ -153,7 +153,9 @@ def main() -> None:
                     path.write_text(json.dumps({"model": m, "solver": s, "ok": False,
                                                 "error": f"timeout {args.timeout:.0f} s"}))  # fmt: skip
             rows.append(json.loads(path.read_text()))
-    print("| model | p | solver | backend | fit s | query s (8 test seqs) | peak RSS GiB | Pearson vs EK-FAC |")
+    print(
+        "| model | p | solver | backend | fit s | query s (8 test seqs) | peak RSS GiB | Pearson vs EK-FAC |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = out / f"{r['model']}-ekfac.pt"
