@@ -21,6 +21,7 @@ from inflens.evaluation import (
     brittleness,
     lds,
     lds_ground_truth,
+    lds_ground_truth_batched,
     linear_datamodeling_score,
     mislabel_detection,
     subset_masks,
@@ -156,6 +157,48 @@ def test_an_interrupted_run_resumes_to_identical_results(tmp_path, workers) -> N
         lds_ground_truth(
             _Linear(w), 40, LDSConfig(checkpoint=tmp_path / "b", **dict(cfg, fingerprint="x"))
         )
+
+
+class _LinearBatch:
+    """retrain_batch(keeps, seeds): the same datamodel as :class:`_Linear`, many rows at once;
+    raises on the group that holds subset ``fail_subset``."""
+
+    def __init__(self, w: torch.Tensor, fail_on: torch.Tensor | None = None) -> None:
+        self.one, self.fail_on, self.groups = _Linear(w), fail_on, []
+
+    def __call__(self, keeps: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        self.groups.append(keeps.shape[0])
+        if self.fail_on is not None and any(torch.equal(k, self.fail_on) for k in keeps):
+            raise RuntimeError("killed")
+        return torch.stack([self.one(k, int(s)) for k, s in zip(keeps, seeds)])
+
+
+def test_the_batched_ground_truth_equals_the_unbatched_one_and_resumes(tmp_path) -> None:
+    w, _, _ = _linear_datamodel()
+    cfg = dict(n_subsets=12, seeds_per_subset=2, workers=1, fingerprint="lin")
+    ref = lds_ground_truth(_Linear(w), 40, LDSConfig(**cfg))
+    full = lds_ground_truth_batched(_LinearBatch(w), 40, LDSConfig(**cfg), batch_size=5)
+    # same subsets, same per-model seeds: identical outputs
+    assert torch.equal(full.outputs, ref.outputs) and torch.equal(full.masks, ref.masks)
+
+    masks = subset_masks(40, 0.5, 12, 0)
+    killed = _LinearBatch(w, fail_on=masks[7])
+    with pytest.raises(RuntimeError, match="killed"):
+        lds_ground_truth_batched(killed, 40, LDSConfig(checkpoint=tmp_path, **cfg), batch_size=4)
+    # jobs (j, s) in order, 4 per group: groups 0-2 hold subsets 0-5 and finished
+    assert killed.groups == [4, 4, 4, 4]
+    assert len(list(tmp_path.glob("subset_*.safetensors"))) == 12
+    again = _LinearBatch(w)
+    resumed = lds_ground_truth_batched(again, 40, LDSConfig(checkpoint=tmp_path, **cfg), 4)
+    assert (resumed.reused, resumed.retrained) == (12, 12) and again.groups == [4, 4, 4]
+    assert torch.equal(resumed.outputs, ref.outputs)
+    # the cache is shared with the one-model-at-a-time entry point
+    one = lds_ground_truth(_Linear(w), 40, LDSConfig(checkpoint=tmp_path, **cfg))
+    assert one.retrained == 0 and torch.equal(one.outputs, ref.outputs)
+    with pytest.raises(InputError, match="one row of test losses per model"):
+        lds_ground_truth_batched(lambda k, s: torch.zeros(1, 5), 40, LDSConfig(**cfg), 3)
+    with pytest.raises(InputError, match="batch_size"):
+        lds_ground_truth_batched(_LinearBatch(w), 40, LDSConfig(**cfg), 0)
 
 
 def test_seeds_per_subset_are_averaged_and_the_result_summarises(tmp_path) -> None:

@@ -210,7 +210,6 @@ def test_token_influence_sums_to_loss_influence_and_is_zero_off_tokens(gpt2_prob
     assert (te.transpose(0, 1)[:, ~tcount] == 0).all()
 
 
-
 def test_token_influence_in_chunks_equals_one_pass(gpt2_problem, monkeypatch):
     """A small memory budget splits the sequences into forward-mode chunks; the result must
     not change (one sequence per chunk against the whole set in one pass)."""
@@ -229,6 +228,7 @@ def test_token_influence_in_chunks_equals_one_pass(gpt2_problem, monkeypatch):
     assert rel_err(inf.token_influence(test, idx), whole_tr) < 1e-12
     assert rel_err(inf.token_influence(test, idx, side="test"), whole_te) < 1e-12
     assert calls == [M, len(idx)]  # train side: m test directions; test side: k solves
+
 
 # ---------------------------------------------------------------------------- batch structures
 class _TupleLM(nn.Module):

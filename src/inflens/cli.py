@@ -187,7 +187,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             print(f"{name:14s} {text}")
         return 0
     try:
-        methods = tuple(args.methods.split(",")) if args.methods else lds_bench.METHODS
+        methods = tuple(args.methods.split(",")) if args.methods else None
         config = lds_bench.BenchmarkConfig(
             args.name,
             n_subsets=args.subsets,

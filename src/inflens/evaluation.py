@@ -62,12 +62,14 @@ __all__ = [
     "default_workers",
     "lds",
     "lds_ground_truth",
+    "lds_ground_truth_batched",
     "linear_datamodeling_score",
     "mislabel_detection",
     "subset_masks",
 ]
 
 Retrain = Callable[[torch.Tensor, int], Any]
+RetrainBatch = Callable[[torch.Tensor, torch.Tensor], Any]
 
 _GROUND_TRUTH_FORMAT = 1
 
@@ -439,6 +441,66 @@ def _job_path(folder: Path, j: int, s: int) -> Path:
     return folder / f"subset_{j:06d}_seed_{s:03d}.safetensors"
 
 
+class _Cache:
+    """The on-disk checkpoint of one ground-truth run: a ``ground_truth.json`` naming the run
+    and one safetensors file per finished model, written atomically as each one finishes."""
+
+    def __init__(self, n_train: int, config: LDSConfig) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        run = _run_id(n_train, config)
+        self.run_hash = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
+        self.folder = Path(config.checkpoint) if config.checkpoint is not None else None
+        self.results: dict[tuple[int, int], np.ndarray] = {}
+        if self.folder is None:
+            return
+        folder = self.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg_path = folder / "ground_truth.json"
+        if cfg_path.exists():
+            saved = json.loads(cfg_path.read_text())
+            if saved.get("run") != run:
+                raise InputError(
+                    f"the checkpoint folder {folder} holds retrainings of another LDS run "
+                    f"({saved.get('run')} != {run}); use another folder or delete it"
+                )
+        else:
+            tmp = cfg_path.with_name(cfg_path.name + ".tmp")
+            tmp.write_text(json.dumps({"run": run, "run_sha256": self.run_hash}, indent=2))
+            os.replace(tmp, cfg_path)
+        for j in range(int(config.n_subsets)):
+            for s in range(int(config.seeds_per_subset)):
+                path = _job_path(folder, j, s)
+                if not path.exists():
+                    continue
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+                if meta.get("run_sha256") != self.run_hash:
+                    raise InputError(f"{path} belongs to another LDS run; delete it")
+                self.results[(j, s)] = load_file(str(path))["outputs"].numpy()
+
+    def n_test(self) -> int | None:
+        return next(iter(self.results.values())).size if self.results else None
+
+    def put(self, j: int, s: int, value: np.ndarray) -> None:
+        from .artifacts import _save_tensors
+
+        self.results[(j, s)] = value
+        if self.folder is not None:
+            _save_tensors(
+                _job_path(self.folder, j, s),
+                {"outputs": torch.from_numpy(value)},
+                {"run_sha256": self.run_hash, "subset": str(j), "seed_index": str(s)},
+            )
+
+    def outputs(self, m: int, r: int) -> torch.Tensor:
+        res = self.results
+        return torch.from_numpy(
+            np.stack([np.mean([res[(j, s)] for s in range(r)], axis=0) for j in range(m)], axis=0)
+        )
+
+
 def lds_ground_truth(
     retrain: Retrain, n_train: int, config: LDSConfig = LDSConfig()
 ) -> LDSGroundTruth:
@@ -455,49 +517,16 @@ def lds_ground_truth(
         at once (atomically), so a run killed at any point resumes where it stopped, and the
         result is identical to an uninterrupted run.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from .artifacts import _save_tensors
-
     if not callable(retrain):
         raise InputError(f"retrain must be a callable (keep, seed) -> [n_test], got {retrain!r}")
     n_train = int(n_train)
     masks = subset_masks(n_train, config.fraction, config.n_subsets, config.seed)
     m, r = int(config.n_subsets), int(config.seeds_per_subset)
-    run = _run_id(n_train, config)
-    run_hash = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
+    cache = _Cache(n_train, config)
+    reused = len(cache.results)
+    n_test = cache.n_test()
 
-    folder = Path(config.checkpoint) if config.checkpoint is not None else None
-    results: dict[tuple[int, int], np.ndarray] = {}
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg_path = folder / "ground_truth.json"
-        if cfg_path.exists():
-            saved = json.loads(cfg_path.read_text())
-            if saved.get("run") != run:
-                raise InputError(
-                    f"the checkpoint folder {folder} holds retrainings of another LDS run "
-                    f"({saved.get('run')} != {run}); use another folder or delete it"
-                )
-        else:
-            tmp = cfg_path.with_name(cfg_path.name + ".tmp")
-            tmp.write_text(json.dumps({"run": run, "run_sha256": run_hash}, indent=2))
-            os.replace(tmp, cfg_path)
-        for j in range(m):
-            for s in range(r):
-                path = _job_path(folder, j, s)
-                if not path.exists():
-                    continue
-                with safe_open(str(path), framework="pt") as f:
-                    meta = f.metadata() or {}
-                if meta.get("run_sha256") != run_hash:
-                    raise InputError(f"{path} belongs to another LDS run; delete it")
-                results[(j, s)] = load_file(str(path))["outputs"].numpy()
-    reused = len(results)
-    n_test = next(iter(results.values())).size if results else None
-
-    jobs = [(j, s) for j in range(m) for s in range(r) if (j, s) not in results]
+    jobs = [(j, s) for j in range(m) for s in range(r) if (j, s) not in cache.results]
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
@@ -512,13 +541,7 @@ def lds_ground_truth(
         j, s = jobs[i]
         value = _as_outputs(value, n_test)
         n_test = value.size
-        results[(j, s)] = value
-        if folder is not None:
-            _save_tensors(
-                _job_path(folder, j, s),
-                {"outputs": torch.from_numpy(value)},
-                {"run_sha256": run_hash, "subset": str(j), "seed_index": str(s)},
-            )
+        cache.put(j, s, value)
         if bar is not None:
             bar.update(1)
 
@@ -529,17 +552,88 @@ def lds_ground_truth(
     finally:
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - t0
-    outputs = np.stack(
-        [np.mean([results[(j, s)] for s in range(r)], axis=0) for j in range(m)], axis=0
-    )
     return LDSGroundTruth(
         masks=masks,
-        outputs=torch.from_numpy(outputs),
+        outputs=cache.outputs(m, r),
         config=config,
         retrained=len(jobs),
         reused=reused,
-        seconds=seconds,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def lds_ground_truth_batched(
+    retrain_batch: RetrainBatch,
+    n_train: int,
+    config: LDSConfig = LDSConfig(),
+    batch_size: int = 50,
+) -> LDSGroundTruth:
+    """:func:`lds_ground_truth` for a trainer that fits many models at once.
+
+    ``retrain_batch(keeps [K, n_train] bool, seeds [K] int64) -> [K, n_test]`` trains one model
+    per row (e.g. ``K`` convex refits whose matrix products are batched, or ``K`` networks with
+    stacked parameters) and returns each model's test losses. The missing ``(subset, seed)``
+    models are handed over in groups of at most ``batch_size`` (groups run in ``config.workers``
+    processes); the seeds and the checkpoint files are those of :func:`lds_ground_truth`, so
+    the two entry points share a cache, and a run killed part-way loses at most the groups in
+    flight and resumes to the identical result.
+    """
+    if not callable(retrain_batch):
+        raise InputError(
+            f"retrain_batch must be a callable (keeps, seeds) -> [K, n_test], got {retrain_batch!r}"
+        )
+    if int(batch_size) < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    n_train = int(n_train)
+    masks = subset_masks(n_train, config.fraction, config.n_subsets, config.seed)
+    m, r = int(config.n_subsets), int(config.seeds_per_subset)
+    cache = _Cache(n_train, config)
+    reused = len(cache.results)
+    n_test = cache.n_test()
+    todo = [(j, s) for j in range(m) for s in range(r) if (j, s) not in cache.results]
+    groups = [todo[i : i + int(batch_size)] for i in range(0, len(todo), int(batch_size))]
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="LDS retraining (batched)")
+
+    def one(group: list[tuple[int, int]]) -> np.ndarray:
+        keeps = masks[[j for j, _ in group]].clone()
+        seeds = torch.tensor([_job_seed(config.seed, j, s) for j, s in group], dtype=torch.long)
+        out = retrain_batch(keeps, seeds)
+        out = out.detach().cpu() if isinstance(out, torch.Tensor) else out
+        out = np.asarray(out, dtype=np.float64)
+        if out.ndim != 2 or out.shape[0] != len(group):
+            raise InputError(
+                f"retrain_batch returned shape {out.shape} for {len(group)} models; it must "
+                "return [K, n_test], one row of test losses per model"
+            )
+        return out
+
+    def on_result(i: int, value: np.ndarray) -> None:
+        nonlocal n_test
+        for (j, s), row in zip(groups[i], value):
+            row = _as_outputs(row, n_test)
+            n_test = row.size
+            cache.put(j, s, row)
+        if bar is not None:
+            bar.update(len(groups[i]))
+
+    t0 = time.perf_counter()
+    workers = default_workers() if config.workers is None else int(config.workers)
+    try:
+        _map_jobs(one, [(g,) for g in groups], workers, on_result)
+    finally:
+        if bar is not None:
+            bar.close()
+    return LDSGroundTruth(
+        masks=masks,
+        outputs=cache.outputs(m, r),
+        config=config,
+        retrained=len(todo),
+        reused=reused,
+        seconds=time.perf_counter() - t0,
     )
 
 
