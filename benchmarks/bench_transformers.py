@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from inflens.memory import peak_resident_mib
+
 V, T, N_TRAIN, N_TEST = 100, 32, 1500, 8
 
 
@@ -121,9 +123,7 @@ def worker(model_name: str, solver: str, out: Path) -> None:
         torch.save(scores, out.with_suffix(".pt"))
     except inflens.MemoryBudgetError as exc:
         res.update(ok=False, error=f"MemoryBudgetError: {str(exc)[:200]}")
-    with open("/proc/self/status") as f:
-        hwm = [line for line in f if line.startswith("VmHWM")][0].split()[1]
-    res["peak_rss_gib"] = int(hwm) / 2**20
+    res["peak_rss_gib"] = peak_resident_mib() / 1024
     out.write_text(json.dumps(res))
 
 

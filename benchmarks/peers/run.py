@@ -66,6 +66,8 @@ from safetensors.torch import load_file, save_file
 from scipy import stats
 from torch import nn
 
+from inflens.memory import peak_resident_mib
+
 L2 = 1e-3  # task (a): on the mean loss; the model is trained with it and inflens uses it
 N_TEST = 10
 TOP = 50
@@ -623,18 +625,6 @@ def run_method(name: str, t: dict, tmp: Path, cfg: dict) -> torch.Tensor:
     raise ValueError(name)
 
 
-def _rss_mb() -> float:
-    """Peak RSS of this process so far (MB). VmHWM belongs to the process's own address space;
-    ``ru_maxrss`` would start at the parent's peak (Linux carries it over fork + exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def worker(name: str, out: Path, repeats: int, budget: float, mem_gb: float) -> None:
     """Runs one method up to ``repeats`` times; results are saved after every run so that a
     timed-out method keeps its finished runs. Another run starts only while the time spent so
@@ -645,7 +635,7 @@ def worker(name: str, out: Path, repeats: int, budget: float, mem_gb: float) -> 
     torch.set_num_threads(1)
     cfg = json.loads((out / "task.json").read_text())
     t = load_file(str(out / "task.safetensors"))
-    base = _rss_mb()
+    base = peak_resident_mib()
     times: list[float] = []
     for r in range(repeats):
         tmp = out / "tmp" / f"{name}-{r}"
@@ -656,7 +646,7 @@ def worker(name: str, out: Path, repeats: int, budget: float, mem_gb: float) -> 
         save_file(
             {"scores": scores.detach().double().contiguous()}, str(out / f"{name}.safetensors")
         )
-        info = {"times": times, "peak_mb": _rss_mb() - base}
+        info = {"times": times, "peak_mb": peak_resident_mib() - base}
         (out / f"{name}.json").write_text(json.dumps(info))
         if sum(times) + times[-1] > budget:
             break

@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from inflens.memory import peak_resident_mib
+
 TASKS = {
     "ref": dict(
         vocab_size=64,
@@ -87,14 +89,6 @@ TASKS = {
     ),
 }
 METHODS = ("exact-ggn", "inflens-ekfac", "kronfluence-ekfac")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (``VmHWM``), MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def conv1d_to_linear(model: nn.Module) -> nn.Module:
@@ -251,7 +245,11 @@ def worker(method: str, folder: Path) -> None:
         raise SystemExit(f"unknown method {method!r}")
     seconds = time.perf_counter() - t0
     np.save(folder / f"{method}.npy", scores)
-    info = {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+    info = {
+        "seconds": seconds,
+        "peak_rss_mb": peak_resident_mib(),
+        "threads": torch.get_num_threads(),
+    }
     (folder / f"{method}.json").write_text(json.dumps(info))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import resource
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -104,3 +105,25 @@ def fit_chunk(
         else:
             hi = mid - 1
     return lo
+
+
+def reset_peak_resident() -> None:
+    """Restart the kernel's peak resident-memory counter of this process (Linux; elsewhere a
+    no-op), so that :func:`peak_resident_mib` measures from here."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_resident_mib() -> float:
+    """Peak resident memory of this process (``VmHWM``, MiB) since it started or since the last
+    :func:`reset_peak_resident`; ``ru_maxrss`` where ``/proc`` is absent (it may start at the
+    parent's peak: Linux carries it over fork + exec, ``VmHWM`` does not)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

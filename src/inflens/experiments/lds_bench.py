@@ -61,6 +61,7 @@ from ..evaluation import (
     lds_ground_truth,
     lds_ground_truth_batched,
 )
+from ..memory import peak_resident_mib, reset_peak_resident
 from ..solvers import CG, EKFAC, KFAC, Arnoldi, Exact, LiSSA
 from ..train import fit_lbfgs, fit_newton
 
@@ -359,26 +360,6 @@ def _table(rows: Sequence[dict[str, Any]], header: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _reset_peak() -> None:
-    """Restart the kernel's peak-RSS counter of this process (Linux; elsewhere a no-op)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_mb() -> float:
-    """Peak resident memory of this process since the last :func:`_reset_peak` (MB; NaN where
-    ``/proc`` is absent)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
-
-
 class _LazySolve:
     """The full-data exact inverse Hessian, factorised on first use (a re-score that reuses
     every cached refit never pays for it)."""
@@ -500,11 +481,11 @@ def run_benchmark(
     rows: list[dict[str, Any]] = []
     results: dict[str, LDSResult] = {}
     for method in config.methods or METHODS:
-        _reset_peak()
+        reset_peak_resident()
         t0 = time.perf_counter()
         scores = _score(method, obj, train, test)
         seconds = time.perf_counter() - t0
-        peak = _peak_mb()
+        peak = peak_resident_mib()
         _save_scores(out, method, scores)
         res = gt.score(scores)
         results[method] = res
@@ -862,12 +843,12 @@ def run_mlp_benchmark(
     rows: list[dict[str, Any]] = []
     per_test: dict[str, Any] = {}
     for method in config.methods or MLP_METHODS:
-        _reset_peak()
+        reset_peak_resident()
         t0 = time.perf_counter()
         few = method in ("cg", "lissa")
         scores = _mlp_score(method, obj, train, test_sub if few else test, models, out)
         seconds = time.perf_counter() - t0
-        peak = _peak_mb()
+        peak = peak_resident_mib()
         _save_scores(out, method, scores)
         res_sub = gt_sub.score(scores[:MLP_SOLVER_TEST])
         res = None if few else gt.score(scores)
