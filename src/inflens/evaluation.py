@@ -27,7 +27,6 @@ one for an :class:`inflens.Objective` (exact refits with :mod:`inflens.train`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -45,6 +44,7 @@ import torch
 
 from .data import Data, DataLike
 from .errors import InflensWarning, InputError, SolverDivergedError
+from .fingerprint import json_fingerprint
 from .influence import Influence
 from .objective import Objective
 from .train import fit_lbfgs, fit_newton, loo_weights
@@ -450,7 +450,7 @@ class _Cache:
         from safetensors.torch import load_file
 
         run = _run_id(n_train, config)
-        self.run_hash = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
+        self.run_hash = json_fingerprint(run)  # canonical JSON: the same bytes on every machine
         self.folder = Path(config.checkpoint) if config.checkpoint is not None else None
         self.results: dict[tuple[int, int], np.ndarray] = {}
         if self.folder is None:

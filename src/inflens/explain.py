@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .datasets import sha256_file
 from .errors import InputError, MemoryBudgetError
 
 CONVEX_LOSSES = ("cross_entropy", "binary_logistic", "smooth_hinge", "mse")
@@ -157,14 +158,6 @@ class _Log:
     def __call__(self, msg: str) -> None:
         if self.on:
             print(f"[{time.perf_counter() - self.t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- model adapters
@@ -1264,10 +1257,10 @@ def run_explain(cfg: ExplainConfig) -> ExplainResult:
     }
     for f_ in model.files:
         if f_.is_file():
-            fingerprints[f"file {f_.name} (sha256)"] = _sha256_file(f_)
+            fingerprints[f"file {f_.name} (sha256)"] = sha256_file(f_)
     for p_ in (Path(cfg.train), Path(cfg.test)):
         if p_.is_file():
-            fingerprints[f"file {p_.name} (sha256)"] = _sha256_file(p_)
+            fingerprints[f"file {p_.name} (sha256)"] = sha256_file(p_)
     settings = {
         "model": model.description,
         "training data": f"{cfg.train} ({n} rows, {train.kind})",

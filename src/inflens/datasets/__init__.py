@@ -11,6 +11,7 @@ from ._files import (
     CorruptFileError,
     DatasetNotFoundError,
     fetch,
+    sha256_file,
     verify_sha256,
 )
 from .cifar import (
@@ -65,5 +66,6 @@ __all__ = [
     "small_subset",
     "spam",
     "spam_split",
+    "sha256_file",
     "verify_sha256",
 ]
