@@ -53,3 +53,13 @@ def test_fig5_quick(shared_data: Path, tmp_path: Path, monkeypatch: pytest.Monke
     wide_multi = m["multi_target"][wide]
     assert wide_multi["n_flipped"] >= 1
     assert wide_multi["accuracy_after"] < wide_multi["accuracy_before"]
+
+
+def test_fig5_config_is_validated() -> None:
+    from inflens.errors import InputError
+
+    for bad in ({"max_targets": -2}, {"wide_box_levels": 0.0}, {"size": 0}):
+        with pytest.raises(InputError):
+            fig5.Fig5Config(**bad)
+    with pytest.raises(InputError, match="Fig5Config"):
+        fig5.run(None, Path("unused"), quick=True, config={"seed": 1})

@@ -35,6 +35,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from ..apps.attack import (
     eight_bit_level,
 )
 from ..apps.labels import outputs_to_labels, probability_of_label
+from ..errors import InputError
 from . import _animals
 
 NAME = "fig5"
@@ -359,27 +361,11 @@ def _figure(out: Path, task, multi: dict[str, Any], res, tallies: dict[str, dict
     plt.close(fig)
 
 
-@_animals.one_thread_when_quick
-def run(
-    data_dir: Path | None,
-    out: Path,
-    quick: bool = False,
-    progress: bool = True,
-    *,
-    image_folder: str | os.PathLike[str] | None = None,
-    classes: Sequence[str] | None = None,
-    backbone: nn.Module | None = None,
-    size: int | None = None,
-    max_targets: int | None = None,
-    wide_box_levels: float | None = 8.0,
-    wide_box_targets: int | None = None,
-    wide_box_multi: bool = False,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Run Fig. 5; write ``fig5.png``, ``metrics.json`` and per-target logs to ``out``.
+@dataclass(frozen=True)
+class Fig5Config:
+    """Settings of :func:`run` beyond the ones every experiment takes (validated on creation).
 
-    Args:
-        data_dir, out, quick, progress: as every experiment.
+    Attributes:
         image_folder, classes, backbone, size: your own images / pretrained network (see
             :func:`inflens.experiments.fig4.run`).
         max_targets: attack at most this many correctly classified test images (a seeded
@@ -392,6 +378,50 @@ def run(
             (about 20 minutes; always in quick mode).
         seed: order in which targets are attacked.
     """
+
+    image_folder: str | os.PathLike[str] | None = None
+    classes: Sequence[str] | None = None
+    backbone: nn.Module | None = None
+    size: int | None = None
+    max_targets: int | None = None
+    wide_box_levels: float | None = 8.0
+    wide_box_targets: int | None = None
+    wide_box_multi: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_targets", "wide_box_targets"):
+            v = getattr(self, name)
+            if v is not None and int(v) < -1:
+                raise InputError(f"{name} must be None, -1 (all) or a count >= 0, got {v}")
+        if self.wide_box_levels is not None and not float(self.wide_box_levels) > 0:
+            raise InputError(
+                f"wide_box_levels must be positive or None, got {self.wide_box_levels}"
+            )
+        if self.size is not None and int(self.size) < 1:
+            raise InputError(f"size must be a positive number of pixels, got {self.size}")
+
+
+@_animals.one_thread_when_quick
+def run(
+    data_dir: Path | None,
+    out: Path,
+    quick: bool = False,
+    progress: bool = True,
+    config: Fig5Config | None = None,
+) -> dict[str, Any]:
+    """Run Fig. 5; write ``fig5.png``, ``metrics.json`` and per-target logs to ``out``.
+
+    ``data_dir, out, quick, progress`` as every experiment; ``config`` (:class:`Fig5Config`)
+    the images, the network, the targets and the wide box (default: the paper's protocol).
+    """
+    cfg = Fig5Config() if config is None else config
+    if not isinstance(cfg, Fig5Config):
+        raise InputError(f"config must be a Fig5Config, got {type(cfg).__name__}")
+    image_folder, classes, backbone, size = cfg.image_folder, cfg.classes, cfg.backbone, cfg.size
+    max_targets, seed = cfg.max_targets, cfg.seed
+    wide_box_levels, wide_box_targets = cfg.wide_box_levels, cfg.wide_box_targets
+    wide_box_multi = cfg.wide_box_multi
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
