@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from kron_task import cross_entropy_task
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -153,22 +154,8 @@ def run_method(name: str, bench: str, out: Path, model, train, test, l2: float) 
 
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import ScoreArguments
-        from kronfluence.task import Task
 
-        class CETask(Task):
-            def compute_train_loss(self, batch, model, sample=False):
-                xb, yb = batch
-                logits = model(xb)
-                if sample:  # the true Fisher: labels drawn from the model
-                    with torch.no_grad():
-                        yb = torch.multinomial(torch.softmax(logits, -1), 1).flatten()
-                return F.cross_entropy(logits, yb, reduction="sum")
-
-            def compute_measurement(self, batch, model):
-                xb, yb = batch
-                return F.cross_entropy(model(xb), yb, reduction="sum")
-
-        task = CETask()
+        task = cross_entropy_task()
         pm = prepare_model(model, task)
         with tempfile.TemporaryDirectory() as tmp:
             an = Analyzer("lds", pm, task, cpu=True, disable_tqdm=True, output_dir=tmp)

@@ -62,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kron_task import cross_entropy_task
 from safetensors.torch import load_file, save_file
 from scipy import stats
 from torch import nn
@@ -589,22 +590,8 @@ def run_method(name: str, t: dict, tmp: Path, cfg: dict) -> torch.Tensor:
     if lib == "kronfluence":
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import ScoreArguments
-        from kronfluence.task import Task
 
-        class CETask(Task):
-            def compute_train_loss(self, batch, model, sample=False):
-                xb, yb = batch
-                logits = model(xb)
-                if sample:  # true Fisher: labels drawn from the model
-                    with torch.no_grad():
-                        yb = torch.multinomial(torch.softmax(logits, -1), 1).flatten()
-                return F.cross_entropy(logits, yb, reduction="sum")
-
-            def compute_measurement(self, batch, model):
-                xb, yb = batch
-                return F.cross_entropy(model(xb), yb, reduction="sum")
-
-        task = CETask()
+        task = cross_entropy_task()
         model = prepare_model(model, task)
         an = Analyzer("bench", model, task, cpu=True, disable_tqdm=True, output_dir=str(tmp))
         an.fit_all_factors(
