@@ -339,3 +339,15 @@ def test_encoder_layer_lm_runs_every_solver(solver: str) -> None:
     else:  # approximations: they must at least rank like the exact scores
         r = torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1]
         assert r > 0.5, f"{solver}: correlation {float(r):.3f} with exact"
+
+
+def test_token_influence_test_side_refuses_more_sequences_than_the_budget(gpt2_problem):
+    """The test side holds one [p] solve per chosen training sequence: too many for the memory
+    budget is refused before anything is allocated, with the fix."""
+    model, train, test, _, _ = gpt2_problem
+    inf = _influence(model, train, Exact())
+    p = inf.objective.p
+    inf.budget_bytes = 3 * 2 * p * 8  # room for two float64 sequences' vectors, not three
+    assert inf.token_influence(test, [0, 1], side="test").shape[1] == 2
+    with pytest.raises(inflens.MemoryBudgetError, match="fewer training indices"):
+        inf.token_influence(test, [0, 1, 2], side="test")

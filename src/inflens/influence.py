@@ -28,7 +28,7 @@ from .curvature import Curvature, check_curvature
 from .data import Data, DataLike, index_batch
 from .errors import InflensWarning, InputError, NotFittedError
 from .losses import IGNORE_INDEX
-from .memory import budget_bytes
+from .memory import budget_bytes, check_budget
 from .objective import Objective
 from .solvers import Solver, make_solver
 
@@ -447,6 +447,14 @@ class Influence:
         curv = self._fitted()
         obj = self.objective
         if side == "test":
+            k = self.n if indices is None else int(torch.as_tensor(indices).numel())
+            itemsize = torch.finfo(obj.dtype).bits // 8
+            check_budget(  # the k gradients, their solves and a temporary: [k, p] each
+                3 * k * obj.p * itemsize,
+                self.budget_bytes,
+                f"per-token influence on the test side for {k} training sequences",
+                "pass fewer training indices (each costs one solve and one [p] vector)",
+            )
             v = self.solver.solve(self.train_gradients(indices))  # [k, p]: H^-1 g_i
             data = self._test_data(test)
             size = self._token_chunk(v.shape[0], curv.chunk_size)
