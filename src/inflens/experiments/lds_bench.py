@@ -53,6 +53,7 @@ from torch import nn
 
 from .. import Influence, Objective
 from ..artifacts import data_fingerprint, model_fingerprint
+from ..curvature import auto_chunk_size
 from ..errors import InputError
 from ..evaluation import (
     LDSConfig,
@@ -328,10 +329,18 @@ class SoftmaxRefit:
 
 
 def _grad_dot(obj: Objective, train, test) -> torch.Tensor:
-    g_test = obj.per_example_grads(*test, which="loss")
+    """``-g_test . g_train`` in blocks whose ``[block, p]`` gradients fit 128 MiB each."""
+    itemsize = torch.finfo(obj.dtype).bits // 8
+    size = auto_chunk_size(max(len(train[1]), len(test[1])), obj.p, itemsize)
+    g_test = torch.cat(
+        [
+            obj.per_example_grads(test[0][s : s + size], test[1][s : s + size], which="loss")
+            for s in range(0, len(test[1]), size)
+        ]
+    )
     out = torch.empty(len(test[1]), len(train[1]), dtype=obj.dtype)
-    for start in range(0, len(train[1]), 2048):
-        x, y = train[0][start : start + 2048], train[1][start : start + 2048]
+    for start in range(0, len(train[1]), size):
+        x, y = train[0][start : start + size], train[1][start : start + size]
         out[:, start : start + len(y)] = -g_test @ obj.per_example_grads(x, y, which="loss").T
     return out
 
