@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from inflens import GradientIndex, InputError, Objective
-from inflens.attribution import build_attribution_index
+from inflens.attribution import AttributionSettings, build_attribution_index
+from inflens.index import IndexConfig
 
 DT = torch.float64
 N, D, H, C, M = 120, 4, 5, 3, 3
@@ -71,20 +72,20 @@ def test_tracin_with_one_checkpoint_is_lr_times_grad_dot(tmp_path: Path) -> None
     state = obj.model.state_dict()
     g_tr = _grads(obj.model, state, _ce, *train)
     g_te = _grads(obj.model, state, _ce, *test)
-    dot = build_attribution_index(obj, train, tmp_path / "dot", method="grad_dot")
+    dot = build_attribution_index(obj, train, tmp_path / "dot", AttributionSettings("grad_dot"))
     want = -(g_te @ g_tr.T)  # negative = helpful; no l2 theta term
     torch.testing.assert_close(dot.loss_influence(test), want, rtol=1e-10, atol=1e-12)
     tr = build_attribution_index(
-        obj, train, tmp_path / "tr", method="tracin", checkpoints=[state], learning_rates=[0.3]
+        obj, train, tmp_path / "tr", AttributionSettings("tracin", (0.3,)), checkpoints=[state]
     )
     torch.testing.assert_close(tr.loss_influence(test), 0.3 * want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(tr.self_influence(), -0.3 * (g_tr * g_tr).sum(1))
     # the identity survives a projection with the same seed
-    kw = {"dim": 20, "projection": "dense", "seed": 4}
-    pdot = build_attribution_index(obj, train, tmp_path / "pdot", method="grad_dot", **kw)
-    ptr = build_attribution_index(
-        obj, train, tmp_path / "ptr", "tracin", [state], learning_rates=[0.3], **kw
-    )
+    cfg = IndexConfig(dim=20, projection="dense", seed=4)
+    dot_s = AttributionSettings("grad_dot")
+    pdot = build_attribution_index(obj, train, tmp_path / "pdot", dot_s, config=cfg)
+    tr_s = AttributionSettings("tracin", (0.3,))
+    ptr = build_attribution_index(obj, train, tmp_path / "ptr", tr_s, [state], cfg)
     torch.testing.assert_close(
         ptr.loss_influence(test), 0.3 * pdot.loss_influence(test), rtol=1e-10, atol=1e-12
     )
@@ -92,7 +93,7 @@ def test_tracin_with_one_checkpoint_is_lr_times_grad_dot(tmp_path: Path) -> None
 
 def test_tracin_over_checkpoints_and_cosine(tmp_path: Path) -> None:
     obj, train, test, ck = _problem()
-    lrs = [0.1, 0.05]
+    lrs = (0.1, 0.05)
     want = torch.zeros(M, N, dtype=DT)
     cos = torch.zeros(M, N, dtype=DT)
     for lr, state in zip(lrs, ck):
@@ -104,15 +105,19 @@ def test_tracin_over_checkpoints_and_cosine(tmp_path: Path) -> None:
             * (g_te / g_te.norm(dim=1, keepdim=True))
             @ (g_tr / g_tr.norm(dim=1, keepdim=True)).T
         )
-    tr = build_attribution_index(obj, train, tmp_path / "tr", "tracin", ck, lrs)
+    tr = build_attribution_index(
+        obj, train, tmp_path / "tr", AttributionSettings("tracin", lrs), ck
+    )
     torch.testing.assert_close(tr.loss_influence(test), want, rtol=1e-10, atol=1e-12)
-    c = build_attribution_index(obj, train, tmp_path / "cos", "cosine", ck)
+    c = build_attribution_index(obj, train, tmp_path / "cos", AttributionSettings("cosine"), ck)
     torch.testing.assert_close(c.loss_influence(test), cos, rtol=1e-10, atol=1e-12)
     # reopened: no training data, checkpoints read from the folder
     again = GradientIndex.open(tmp_path / "tr", obj)
     assert torch.equal(again.loss_influence(test), tr.loss_influence(test))
     with pytest.raises(InputError, match="learning rate"):
-        build_attribution_index(obj, train, tmp_path / "bad", "tracin", ck, [0.1])
+        build_attribution_index(
+            obj, train, tmp_path / "bad", AttributionSettings("tracin", (0.1,)), ck
+        )
 
 
 def test_trak_equals_its_formula(tmp_path: Path) -> None:
@@ -131,14 +136,15 @@ def test_trak_equals_its_formula(tmp_path: Path) -> None:
         num_tr += 0.5 * ((phi @ kinv) * phi).sum(1)
         out = torch.func.functional_call(obj.model, state, (train[0],))
         q += 0.5 * (1 - torch.softmax(out, 1).gather(1, train[1][:, None])[:, 0])
-    trak = build_attribution_index(obj, train, tmp_path / "trak", "trak", ck, trak_damping=lam)
+    trak_s = AttributionSettings("trak", trak_damping=lam)
+    trak = build_attribution_index(obj, train, tmp_path / "trak", trak_s, ck)
     torch.testing.assert_close(trak.loss_influence(test), -num_te * q, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(trak.self_influence(), -num_tr * q, rtol=1e-8, atol=1e-10)
     again = GradientIndex.open(tmp_path / "trak", obj, train=train)
     assert torch.equal(again.loss_influence(test), trak.loss_influence(test))
     # a projected TRAK index against its unprojected reference
     small = build_attribution_index(
-        obj, train, tmp_path / "p", "trak", ck, dim=30, trak_damping=lam, dtype="float32"
+        obj, train, tmp_path / "p", trak_s, ck, IndexConfig(dim=30, dtype="float32")
     )
     qual = small.quality(test, k=5)
     assert -1.0 <= qual.pearson <= 1.0 and qual.dim == 60  # two checkpoints side by side
@@ -151,6 +157,8 @@ def test_trak_refuses_a_regression_loss(tmp_path: Path) -> None:
     obj = Objective(model, "mse")
     x, y = torch.randn(10, 3, dtype=DT), torch.randn(10, 1, dtype=DT)
     with pytest.raises(InputError, match="TRAK needs a classification loss"):
-        build_attribution_index(obj, (x, y), tmp_path / "t", "trak")
+        build_attribution_index(obj, (x, y), tmp_path / "t", AttributionSettings("trak"))
     with pytest.raises(InputError, match="method must be one of"):
-        build_attribution_index(obj, (x, y), tmp_path / "t", "datamodels")
+        AttributionSettings("datamodels")
+    with pytest.raises(InputError, match="settings must be an AttributionSettings"):
+        build_attribution_index(obj, (x, y), tmp_path / "t", "trak")

@@ -11,6 +11,7 @@ from torch import nn
 from inflens import Objective
 from inflens.errors import InputError
 from inflens.features import (
+    FeatureCNNConfig,
     FeatureModel,
     SmallCNN,
     cached_feature_cnn,
@@ -19,6 +20,7 @@ from inflens.features import (
     rbf_kernel_features,
     train_feature_cnn,
 )
+from inflens.fingerprint import tensors_fingerprint
 from inflens.models import LogisticRegression
 
 
@@ -54,9 +56,9 @@ def test_train_feature_cnn_is_deterministic_and_learns() -> None:
     torch.set_num_threads(1)
     x = _images(48, seed=1)
     y = (x[:, 0].mean((1, 2)) > 0).long()  # a learnable rule (red channel brightness)
-    kw = {"features": 8, "epochs": 3, "batch_size": 16, "lr": 1e-2, "seed": 3}
-    net1, info1 = train_feature_cnn(x, y, **kw)
-    net2, info2 = train_feature_cnn(x, y, **kw)
+    cfg = FeatureCNNConfig(features=8, epochs=3, batch_size=16, lr=1e-2, seed=3)
+    net1, info1 = train_feature_cnn(x, y, cfg)
+    net2, info2 = train_feature_cnn(x, y, cfg)
     for a, b in zip(net1.state_dict().values(), net2.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert info1["history"] == info2["history"]
@@ -72,12 +74,39 @@ def test_cached_feature_cnn_roundtrip(tmp_path) -> None:
     files = sorted(p.suffix for p in tmp_path.iterdir())
     assert files == [".json", ".safetensors"]
     json.loads(next(tmp_path.glob("*.json")).read_text())
+    # the cache key is the settings as given (plus the default width), as before the config
+    given = {"features": 5, "epochs": 1, "batch_size": 10, "seed": 0}
+    key = tensors_fingerprint(x, y, config=given, length=16)
+    assert (tmp_path / f"feature_cnn-{key}.safetensors").is_file()
     net2, info2 = cached_feature_cnn(x, y, tmp_path, epochs=1, batch_size=10, features=5, seed=0)
     assert info2["cached"] is True
     torch.testing.assert_close(net(x), net2(x), rtol=0, atol=0)
     # other data or settings: a different cache entry
     _, info3 = cached_feature_cnn(x, y, tmp_path, epochs=2, batch_size=10, features=5, seed=0)
     assert info3["cached"] is False
+    with pytest.raises(InputError, match="unknown settings"):
+        cached_feature_cnn(x, y, tmp_path, epoch=2)
+
+
+def test_feature_cnn_config_validates() -> None:
+    for bad, match in [
+        ({"features": 0}, "features"),
+        ({"epochs": 1.5}, "epochs"),
+        ({"batch_size": True}, "batch_size"),
+        ({"seed": "0"}, "seed"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"weight_decay": -1e-4}, "weight_decay"),
+        ({"augment": 1}, "augment"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            FeatureCNNConfig(**bad)
+    cfg = FeatureCNNConfig(epochs=2)
+    assert cfg.to_dict()["epochs"] == 2 and cfg.to_dict()["features"] == 64
+    with pytest.raises(AttributeError):
+        cfg.epochs = 3  # type: ignore[misc]  (frozen)
+    with pytest.raises(InputError, match="FeatureCNNConfig"):
+        train_feature_cnn(_images(4), torch.arange(4) % 2, {"epochs": 1})  # type: ignore[arg-type]
 
 
 class _TorchvisionStyle(nn.Module):

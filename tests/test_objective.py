@@ -216,3 +216,60 @@ def test_check_batch_reports_shape_and_loss_problems() -> None:
     obj = inflens.Objective(nn.Linear(3, 2).to(DT), "cross_entropy", measurement=lambda o, y: o)
     with pytest.raises(InputError, match="measurement must return one value per example"):
         obj.check_batch(torch.zeros(4, 3, dtype=DT), torch.zeros(4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------- per-parameter l2
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)  # p = 26
+
+
+def test_per_parameter_l2_risk_gradient_and_accessors() -> None:
+    model = _mlp()
+    l2 = torch.zeros(26, dtype=DT)
+    l2[:12] = torch.linspace(0.1, 1.2, 12, dtype=DT)  # first weight; biases and 2.weight: 0
+    obj = inflens.Objective(model, "cross_entropy", l2=l2)
+    g = torch.Generator().manual_seed(1)
+    th = torch.randn(26, generator=g, dtype=DT)
+    x, y = torch.randn(5, 3, generator=g, dtype=DT), torch.tensor([0, 1, 1, 0, 1])
+    reg = 0.5 * (l2 * th * th).sum()
+    torch.testing.assert_close(obj.regularizer(th), reg, rtol=1e-15, atol=0)
+    torch.testing.assert_close(obj.risk(th, x, y), obj.losses(th, x, y).mean() + reg)
+    # the gradient of the regulariser, by autograd on the formula
+    want = torch.autograd.grad(0.5 * (l2 * th.requires_grad_() ** 2).sum(), th)[0]
+    assert torch.equal(obj.regularizer_grad(th.detach()), want)
+    vecs = torch.randn(3, 26, generator=g, dtype=DT)
+    torch.testing.assert_close(obj.regularizer_inner(vecs), vecs @ (l2 * obj.theta))
+    assert torch.equal(obj.l2_vector(), l2) and obj.l2_diag is not None
+    with pytest.raises(InputError, match="per-parameter l2.*l2_vector"):
+        _ = obj.l2  # code that reads one scalar must not silently drop the vector
+    # a scalar l2: l2 stays the float, the vector is constant, no diagonal
+    scalar = inflens.Objective(model, "cross_entropy", l2=0.3)
+    assert scalar.l2 == 0.3 and scalar.l2_diag is None
+    assert torch.equal(scalar.l2_vector(), torch.full((26,), 0.3, dtype=DT))
+    assert torch.equal(scalar.regularizer_grad(th.detach()), 0.3 * th.detach())
+    # with_l2: the same model and theta, another regulariser
+    other = scalar.with_l2(l2)
+    assert other.model is model and torch.equal(other.theta, scalar.theta)
+    assert torch.equal(other.l2_vector(), l2) and scalar.l2 == 0.3
+    assert inflens.Objective(model, "mse", l2=torch.tensor(0.25)).l2 == 0.25  # a 0-d tensor
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.full((25,), 0.1), r"shape \[26\]"),
+        (torch.full((26, 1), 0.1), r"shape \[26\]"),
+        (torch.full((1,), 0.1), r"shape \[26\]"),
+        (torch.cat([torch.full((25,), 0.1), torch.tensor([-1e-3])]), "entry 25"),
+        (torch.cat([torch.tensor([float("nan")]), torch.zeros(25)]), "finite and non-negative"),
+        (torch.cat([torch.zeros(25), torch.tensor([float("inf")])]), "finite and non-negative"),
+        ([0.1] * 26, r"non-negative number or a \[26\] tensor"),
+    ],
+)
+def test_bad_per_parameter_l2_is_refused(bad, match: str) -> None:
+    model = _mlp()
+    with pytest.raises(InputError, match=match):
+        inflens.Objective(model, "cross_entropy", l2=bad)
+    with pytest.raises(InputError, match=match):
+        inflens.Objective(model, "cross_entropy").with_l2(bad)

@@ -6,6 +6,8 @@ and Hessian (PROTOCOL 1.7) and the SVM dual QP solved by scipy.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import warnings
 
@@ -13,14 +15,18 @@ import numpy as np
 import pytest
 import torch
 
+import inflens.train
 from inflens import Objective
 from inflens.errors import InflensWarning, InputError, SolverDivergedError
 from inflens.models import LinearSVM, LogisticRegression
 from inflens.train import (
     AdamConfig,
+    AdamStart,
+    CheckpointConfig,
     LBFGSConfig,
     _Batches,
     fit_adam,
+    fit_adam_resumable,
     fit_lbfgs,
     fit_linear_svm,
     fit_newton,
@@ -178,7 +184,7 @@ def test_fit_adam_resumes_from_its_state() -> None:
     whole = _adam(obj, (x, y), 10, 50, 0.05, schedule=sched)
     half = _adam(obj, (x, y), 5, 50, 0.05, schedule=sched)
     assert half.state is not None and half.state["step"] == 5 and half.info.iterations == 5
-    rest = _adam(obj, (x, y), 5, 50, 0.05, schedule=sched, theta0=half.theta, state=half.state)
+    rest = _adam(obj, (x, y), 5, 50, 0.05, schedule=sched, start=AdamStart.from_fit(half))
     assert rest.state["step"] == 10
     torch.testing.assert_close(rest.theta, whole.theta, atol=1e-14, rtol=0)
     torch.testing.assert_close(rest.state["m"], whole.state["m"], atol=1e-14, rtol=0)
@@ -228,6 +234,183 @@ def test_fit_adam_converges_to_the_convex_optimum() -> None:
     ref = _newton_logreg(x, y, 0.05)
     assert float((fit.theta - ref).norm()) < 1e-3
     assert fit.state["losses"][-1] <= fit.state["losses"][0]
+
+
+def _chunked_reference(obj, data, cfg, chunk, l2=None, weights=None, start=None):
+    """The resumable run's contract written out: chunk c is fit_adam with seed
+    ``cfg.seed + 1_000_003 c`` continuing from the previous chunk's theta and state."""
+    fits, done = [], 0
+    while done < cfg.steps:
+        steps = min(chunk, cfg.steps - done)
+        c_cfg = dataclasses.replace(cfg, steps=steps, seed=cfg.seed + 1_000_003 * (done // chunk))
+        start = start if not fits else AdamStart.from_fit(fits[-1])
+        fits.append(fit_adam(obj, data, c_cfg, start=start, l2=l2, weights=weights))
+        done += steps
+    return fits
+
+
+def _assert_same_fit(a, b) -> None:
+    """Bit-for-bit equality: the same arithmetic in the same order."""
+    assert torch.equal(a.theta, b.theta)
+    assert torch.equal(a.state["m"], b.state["m"]) and torch.equal(a.state["v"], b.state["v"])
+    assert a.state["step"] == b.state["step"]
+
+
+def test_fit_adam_resumable_after_a_kill_equals_an_uninterrupted_run(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed during chunk 3 of 4, then called again: theta, moments, step and snapshots are
+    exactly those of an uninterrupted run, which is exactly the chained fit_adam chunks."""
+    x, y = _data()
+    obj = _logreg(4, 0.05)
+    cfg = AdamConfig(10, 8, 0.05, schedule=piecewise_constant([5], [1.0, 0.3]), seed=2)
+    keep = (torch.arange(50) != 7).to(DT)  # weights and a per-parameter l2 pass through
+    l2 = torch.tensor([0.05, 0.0, 0.05, 0.02], dtype=DT)
+    warm = fit_adam(obj, (x, y), AdamConfig(3, 8, 0.05, seed=9))  # a warm start with state
+    kw = {"start": AdamStart.from_fit(warm), "weights": keep, "l2": l2}
+
+    def measure(th: torch.Tensor) -> float:
+        return float(th.norm())
+
+    snaps = (2, 6, 10)
+    whole = fit_adam_resumable(
+        obj,
+        (x, y),
+        cfg,
+        CheckpointConfig(tmp_path / "a.st", 3, "run", snaps),
+        **kw,
+        measure=measure,
+    )
+    assert whole.state["step"] == 3 + 10 and whole.info.extra["resumed_at"] == 0
+    ref = _chunked_reference(obj, (x, y), cfg, 3, l2=l2, weights=keep, start=kw["start"])
+    _assert_same_fit(whole, ref[-1])
+    # step 2 lies inside chunk 0: the first 2 of its 3 steps (same seed, same batches)
+    two = fit_adam(obj, (x, y), dataclasses.replace(cfg, steps=2), **kw)
+    assert whole.info.extra["snapshots"] == {
+        "2": measure(two.theta),
+        "6": measure(ref[1].theta),
+        "10": measure(ref[3].theta),
+    }
+    real, calls = inflens.train.fit_adam, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    ckpt = CheckpointConfig(tmp_path / "b.st", 3, "run", snaps)
+    monkeypatch.setattr(inflens.train, "fit_adam", dying)
+    with pytest.raises(KeyboardInterrupt):
+        fit_adam_resumable(obj, (x, y), cfg, ckpt, **kw, measure=measure)
+    monkeypatch.setattr(inflens.train, "fit_adam", real)
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt.path), framework="pt") as f:
+        meta = f.metadata()
+        assert sorted(f.keys()) == ["m", "theta", "v"]
+    assert meta["tag"] == "run" and meta["done"] == "6" and meta["step"] == str(3 + 6)
+    assert json.loads(meta["snapshots"]) == {k: whole.info.extra["snapshots"][k] for k in "26"}
+    resumed = fit_adam_resumable(obj, (x, y), cfg, ckpt, **kw, measure=measure)
+    assert resumed.info.extra["resumed_at"] == 6 and resumed.info.iterations == 4
+    _assert_same_fit(resumed, whole)
+    assert resumed.info.extra["snapshots"] == whole.info.extra["snapshots"]
+    # a finished run's checkpoint is returned as it is, without a step
+    again = fit_adam_resumable(obj, (x, y), cfg, ckpt, **kw, measure=measure)
+    assert again.info.iterations == 0
+    _assert_same_fit(again, whole)
+
+
+def test_fit_adam_resumable_resumes_a_checkpoint_written_by_hand(tmp_path) -> None:
+    """The on-disk format (tensors theta/m/v; metadata tag/done/step/snapshots) is the contract:
+    a checkpoint written with safetensors directly after chunk 1 resumes to the same bits."""
+    from safetensors.torch import save_file
+
+    x, y = _data()
+    obj = _logreg(4, 0.05)
+    cfg = AdamConfig(7, 8, 0.05, seed=4)
+    ref = _chunked_reference(obj, (x, y), cfg, 4)
+    first = ref[0]
+    meta = {"tag": "t", "done": "4", "step": "4", "snapshots": "{}"}
+    path = tmp_path / "ckpt.safetensors"
+    save_file({"theta": first.theta, "m": first.state["m"], "v": first.state["v"]}, str(path), meta)
+    got = fit_adam_resumable(obj, (x, y), cfg, CheckpointConfig(path, 4, "t"))
+    assert got.info.extra["resumed_at"] == 4
+    _assert_same_fit(got, ref[-1])
+
+
+def test_fit_adam_resumable_ignores_a_checkpoint_with_another_tag(tmp_path) -> None:
+    x, y = _data()
+    obj = _logreg(4, 0.05)
+    path = tmp_path / "shared.safetensors"
+    other = fit_adam_resumable(
+        obj, (x, y), AdamConfig(4, 8, 0.1, seed=1), CheckpointConfig(path, 2, "a")
+    )
+    cfg = AdamConfig(5, 8, 0.05, seed=3)
+    got = fit_adam_resumable(obj, (x, y), cfg, CheckpointConfig(path, 2, "b"))
+    fresh = fit_adam_resumable(obj, (x, y), cfg, CheckpointConfig(tmp_path / "fresh.st", 2, "b"))
+    assert got.info.extra["resumed_at"] == 0 and got.info.iterations == 5
+    _assert_same_fit(got, fresh)
+    assert not torch.equal(got.theta, other.theta)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # replaced by the new run's checkpoint
+        assert f.metadata()["tag"] == "b" and f.metadata()["done"] == "5"
+    # zero steps: the start and zero moments, nothing written
+    none = fit_adam_resumable(
+        obj, (x, y), AdamConfig(0, 8, 0.1), CheckpointConfig(tmp_path / "z", 2)
+    )
+    assert torch.equal(none.theta, obj.theta) and none.state["step"] == 0
+    assert not (tmp_path / "z").exists()
+
+
+def test_adam_start_and_checkpoint_config_validate(tmp_path) -> None:
+    x, y = _data()
+    obj = _logreg(4, 0.05)
+    for bad, match in [
+        ({"chunk_steps": 0}, "chunk_steps"),
+        ({"chunk_steps": 2.5}, "chunk_steps"),
+        ({"chunk_steps": True}, "chunk_steps"),
+        ({"tag": 3}, "tag"),
+        ({"snapshots": (0, 2)}, "snapshots"),
+        ({"snapshots": (1.5,)}, "snapshots"),
+        ({"path": tmp_path}, "folder"),
+        ({"path": 3}, "path"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            CheckpointConfig(**{"path": tmp_path / "c.st", "chunk_steps": 2, **bad})
+    ok = CheckpointConfig(str(tmp_path / "c.st"), 2, snapshots=[3, 1, 3])
+    assert ok.path == tmp_path / "c.st" and ok.snapshots == (1, 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ok.chunk_steps = 3  # type: ignore[misc]
+    cfg = AdamConfig(4, 8, 0.05)
+    with pytest.raises(InputError, match="beyond"):
+        fit_adam_resumable(
+            obj, (x, y), cfg, ok.__class__(ok.path, 2, snapshots=(5,)), measure=float
+        )
+    with pytest.raises(InputError, match="measure"):
+        fit_adam_resumable(obj, (x, y), cfg, ok)
+    with pytest.raises(InputError, match="CheckpointConfig"):
+        fit_adam_resumable(obj, (x, y), cfg, tmp_path / "c.st")  # type: ignore[arg-type]
+    long = CheckpointConfig(tmp_path / "long.st", 2, "t")
+    fit_adam_resumable(obj, (x, y), AdamConfig(4, 8, 0.05), long)
+    with pytest.raises(InputError, match="more than"):
+        fit_adam_resumable(obj, (x, y), AdamConfig(2, 8, 0.05), long)
+
+    theta = torch.zeros(4, dtype=DT)
+    state = {"m": torch.zeros(4, dtype=DT), "v": torch.zeros(4, dtype=DT), "step": 3}
+    for start_args, match in [
+        ((torch.zeros(2, 2, dtype=DT),), "flat"),
+        ((theta, {"m": theta, "step": 1}), "missing"),
+        ((theta, {**state, "v": torch.zeros(3, dtype=DT)}), "shape"),
+        ((theta, {**state, "step": -1}), "step"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            AdamStart(*start_args)
+    with pytest.raises(InputError, match="AdamStart"):
+        fit_adam(obj, (x, y), cfg, start=theta)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="shape"):
+        fit_adam(obj, (x, y), cfg, start=AdamStart(torch.zeros(5, dtype=DT)))
 
 
 def test_newton_minimize_batched_equals_one_problem_at_a_time() -> None:

@@ -1,26 +1,22 @@
-"""Assemble docs/reproduction.md from the per-experiment sections in docs/reproduction/*.md."""
+"""Assemble docs/reproduction.md: its own header (up to the contents line), then the
+per-experiment sections in docs/reproduction/*.md."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 ORDER = ["fig1", "fig2-linear", "fig2-cnn", "fig3", "fig4", "fig5", "hospital", "fig6"]
-HEADER = """# Reproducing Koh & Liang (2017) with inflens
-
-Every number below was measured on this project's 2-core development machine with the command
-given in its section; the paper's values (and the original release notebooks', from
-`../shared/paper/PROTOCOL.md`) stand beside them. Figures are in `docs/reproduction/figures/`.
-Each experiment also has a `--quick` variant (a subsample, under a minute) that CI runs.
-
-"""
 
 
 def main() -> None:
     root = Path(__file__).resolve().parents[1] / "docs"
-    parts = [HEADER]
+    # the header (introduction and results table) is edited in reproduction.md itself and kept
+    old = (root / "reproduction.md").read_text()
+    parts = [old[: old.index("Contents: [results]")].rstrip("\n") + "\n"]
     found = {p.stem: p for p in (root / "reproduction").glob("*.md")}
     names = [n for n in ORDER if n in found] + sorted(set(found) - set(ORDER))
-    parts.append("Contents: " + ", ".join(f"[{n}](#{n})" for n in names) + "\n")
+    contents = ", ".join(f"[{n}](#{n})" for n in ["results", *names])
+    parts.append("Contents: " + contents + "\n")
     for name in names:
         text = found[name].read_text()
         # section files reference figures relative to docs/reproduction/

@@ -132,7 +132,8 @@ def build(task: str, seed: int = 0):
     )
     obj = Objective(model, "causal_lm")
     cfg = AdamConfig(c["train_steps"], c["batch_size"], c["lr"], seed=seed, log_every=50)
-    fit = fit_adam(obj, (seqs.train, seqs.train), cfg, load=True)
+    fit = fit_adam(obj, (seqs.train, seqs.train), cfg)
+    obj.load_into_model(fit.theta)
     return model, seqs, fit.state["losses"]
 
 

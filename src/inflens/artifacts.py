@@ -173,7 +173,8 @@ def influence_config(inf: Influence) -> dict[str, Any]:
         "p": obj.p,
         "dtype": str(obj.dtype),
         "loss": obj.loss_name,
-        "l2": obj.l2,
+        "l2": obj.l2 if obj.l2_diag is None else None,  # None: per-parameter (fingerprinted)
+        "l2_per_parameter": obj.l2_diag is not None,
         "params": list(obj.names),
         "model_class": type(obj.model).__qualname__,
     }

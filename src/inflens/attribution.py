@@ -65,6 +65,9 @@ class AttributionSettings:
     trak_damping: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.learning_rates is not None:
+            # a list from the caller becomes the tuple a frozen, hashable config needs
+            object.__setattr__(self, "learning_rates", tuple(float(r) for r in self.learning_rates))
         if self.method not in METHODS:
             raise InputError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.learning_rates is not None and not all(float(r) > 0 for r in self.learning_rates):
@@ -168,7 +171,7 @@ class GradientMethod(IndexMethod):
             margin = _margin(objective.loss_name)
             # a second objective over the same model whose measurement is TRAK's output function
             self._f_obj = Objective(
-                objective.model, objective.loss_name, objective.l2, objective.names, margin
+                objective.model, objective.loss_name, objective.l2_given, objective.names, margin
             )
 
     @property
@@ -318,36 +321,37 @@ def build_attribution_index(
     objective: Objective,
     train: DataLike,
     folder: str | os.PathLike,
-    method: str = "tracin",
+    settings: AttributionSettings = AttributionSettings(),
     checkpoints: Sequence[Mapping[str, torch.Tensor]] | None = None,
-    learning_rates: Sequence[float] | None = None,
-    dim: int | None = None,
-    projection: str | Projection = "auto",
+    config: IndexConfig | None = None,
     callback: Callable[[int, int], None] | None = None,
-    **kwargs: Any,
 ) -> GradientIndex:
-    """An index for ``method`` (``"grad_dot"``, ``"cosine"``, ``"tracin"``, ``"trak"``).
+    """An index for ``settings.method`` (``"grad_dot"``, ``"cosine"``, ``"tracin"``, ``"trak"``).
 
     Args:
         objective: the final model, loss and selected parameters.
         train: the training data (row ``i`` of every score is example ``i``).
         folder: where the index is written (resumed if a build was interrupted).
+        settings: the method, TracIn's learning rate per checkpoint, TRAK's damping
+            (:class:`AttributionSettings`).
         checkpoints: state dicts of the models to attribute with (TracIn: saved during
             training; TRAK: independently trained models); ``None``: the final model.
-        learning_rates: TracIn's learning rate per checkpoint.
-        dim, projection: as in :meth:`Influence.build_index`.
+        config: projection (``dim``, ``projection``, ``seed``), storage ``dtype``, chunking and
+            memory budget (:class:`~inflens.index.IndexConfig`, as in
+            :meth:`Influence.build_index`; ``None``: its defaults, no projection).
         callback: called as ``callback(j, num_chunks)`` after each chunk is written.
-        kwargs: other :class:`~inflens.index.IndexConfig` fields (``dtype``, ``chunk_size``,
-            ``seed``, ``max_memory_gb``...) and ``trak_damping``.
 
     Returns:
         The index; ``index.loss_influence(test)`` is ``[n_test, n_train]``, negative = helpful.
     """
-    damping = kwargs.pop("trak_damping", 0.0)
-    settings = AttributionSettings(
-        method, None if learning_rates is None else tuple(float(r) for r in learning_rates), damping
-    )
-    config = IndexConfig(dim=dim, projection=projection, **kwargs)
+    if not isinstance(settings, AttributionSettings):
+        raise InputError(
+            f"settings must be an AttributionSettings (e.g. AttributionSettings('tracin', "
+            f"learning_rates=(0.01,))), got {type(settings).__name__}"
+        )
+    config = IndexConfig() if config is None else config
+    if not isinstance(config, IndexConfig):
+        raise InputError(f"config must be an IndexConfig, got {type(config).__name__}")
     thetas = _checkpoint_thetas(objective, checkpoints)
     proj = make_projection(config.projection, objective.p, config.dim, objective, config.seed)
     gm = GradientMethod(objective, proj, settings, thetas)

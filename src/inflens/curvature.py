@@ -1,7 +1,8 @@
 """The curvature operator ``A = H + damping * I`` over the training set, matrix-free.
 
 ``H = (1/n) sum_i Hess_theta loss(z_i, theta_hat) + l2 * I`` is the Hessian of the regularised
-mean risk (as in the paper's code); ``damping`` (Sec. 4.2) makes a non-convex or not-converged
+mean risk (as in the paper's code; ``+ diag(l2)`` for a per-parameter l2, so ``A = H + diag(l2)
++ damping I``, in every product and in :meth:`Curvature.dense` alike); ``damping`` (Sec. 4.2) makes a non-convex or not-converged
 model's quadratic surrogate convex. Products are exact full-data Hessian-vector products
 (Pearlmutter's trick), summed over chunks of the training data.
 """
@@ -132,8 +133,28 @@ class Curvature:
 
     @property
     def shift(self) -> float:
-        """The multiple of the identity in ``A``: ``l2 + damping``."""
+        """The multiple of the identity in ``A``: ``l2 + damping``. Refuses (InputError) for a
+        per-parameter l2, where the shift is the diagonal :attr:`shift_diag`: a solver that
+        needs a scalar shift must refuse such an objective at ``fit``."""
         return self.objective.l2 + self.damping
+
+    @property
+    def scalar_shift(self) -> bool:
+        """Whether ``A = (loss curvature) + shift * I`` (a scalar l2); else the shift is the
+        diagonal :attr:`shift_diag`."""
+        return self.objective.l2_diag is None
+
+    @property
+    def shift_diag(self) -> torch.Tensor:
+        """``[p]``: the diagonal added to the loss curvature, ``l2_j + damping``."""
+        return self.objective.l2_vector() + self.damping
+
+    def add_shift(self, out: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
+        """``out + (l2 + damping) * vecs`` (elementwise ``l2_j`` for a per-parameter l2): the
+        regulariser and damping part of ``A v`` added to a loss-curvature product."""
+        if self.scalar_shift:
+            return out + self.shift * vecs
+        return out + self.shift_diag.to(vecs) * vecs
 
     def chunks(self, desc: str | None = None, check: bool = False, chunk_size: int | None = None):
         """Yield prepared ``(start, x, y)`` chunks (of ``chunk_size``, default
@@ -169,7 +190,7 @@ class Curvature:
                     cached = self._cached_head_product(start, vg, x, y)
                     out[g : g + group] += self.sum_product(vg, x, y) if cached is None else cached
         self.all_reduce(out)  # the other ranks' shards (inflens.distributed); else a no-op
-        out = out / self.n + self.shift * v
+        out = self.add_shift(out / self.n, v)
         self.num_matvecs += v.shape[0]
         return out[0] if single else out
 
@@ -220,17 +241,19 @@ class Curvature:
         return self.objective.hvp_sum(vecs, x, y)
 
     def batch_matvec(self, vecs: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mini-batch estimate ``((1/B) sum_{i in B} Hess loss(z_i) + (l2 + damping) I) v``."""
-        return self.sum_product(vecs, x, y) / y.shape[0] + self.shift * vecs
+        """Mini-batch estimate ``((1/B) sum_{i in B} Hess loss(z_i) + (l2 + damping) I) v``
+        (``diag(l2)`` for a per-parameter l2)."""
+        return self.add_shift(self.sum_product(vecs, x, y) / y.shape[0], vecs)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over processes (one process: ``t`` itself)."""
         return t
 
     def _as_operator(self, total: torch.Tensor) -> torch.Tensor:
-        """``A = total / n + shift I`` from a full-data curvature sum, symmetrised."""
+        """``A = total / n + shift I`` (``+ diag(l2) + damping I`` for a per-parameter l2)
+        from a full-data curvature sum, symmetrised."""
         total = total / self.n
-        total.diagonal().add_(self.shift)
+        total.diagonal().add_(self.shift if self.scalar_shift else self.shift_diag.to(total))
         return 0.5 * (total + total.T)
 
     def _dense_closed_form(self) -> torch.Tensor | None:
@@ -262,7 +285,8 @@ class Curvature:
         return self._as_operator(self.all_reduce(total))
 
     def dense(self, block: int = 256, method: str = "auto") -> torch.Tensor:
-        """The explicit ``[p, p]`` matrix ``A``.
+        """The explicit ``[p, p]`` matrix ``A = H + damping I`` (with ``diag(l2)`` for a
+        per-parameter l2, on every path).
 
         ``method="auto"``: in closed form for a Linear layer on frozen features (see
         :meth:`_dense_closed_form`), from per-example output Jacobians for the GGN, otherwise

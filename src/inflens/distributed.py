@@ -210,7 +210,7 @@ class DistributedInfluence(Influence):
                 g = obj.per_example_grads(x, y, "loss")
             else:
                 g = obj.theta.new_zeros(0, obj.p)
-            gt = g + obj.l2 * obj.theta if include_l2_gradient else g
+            gt = g + obj.regularizer_grad(obj.theta) if include_l2_gradient else g
             pad = obj.theta.new_zeros(c, obj.p)
             pad[: gt.shape[0]] = gt
             parts = [torch.empty_like(pad) for _ in range(w)]

@@ -519,47 +519,12 @@ def lds_ground_truth(
     """
     if not callable(retrain):
         raise InputError(f"retrain must be a callable (keep, seed) -> [n_test], got {retrain!r}")
-    n_train = int(n_train)
-    masks = subset_masks(n_train, config.fraction, config.n_subsets, config.seed)
-    m, r = int(config.n_subsets), int(config.seeds_per_subset)
-    cache = _Cache(n_train, config)
-    reused = len(cache.results)
-    n_test = cache.n_test()
 
-    jobs = [(j, s) for j in range(m) for s in range(r) if (j, s) not in cache.results]
-    bar = None
-    if config.progress:
-        from tqdm.auto import tqdm
+    def fit_one(keeps: torch.Tensor, seeds: torch.Tensor) -> np.ndarray:
+        (keep,), (seed,) = keeps, seeds.tolist()
+        return _as_outputs(retrain(keep.clone(), seed), None)[None]
 
-        bar = tqdm(total=len(jobs), desc="LDS retraining")
-
-    def one(j: int, s: int) -> np.ndarray:
-        return _as_outputs(retrain(masks[j].clone(), _job_seed(config.seed, j, s)), None)
-
-    def on_result(i: int, value: np.ndarray) -> None:
-        nonlocal n_test
-        j, s = jobs[i]
-        value = _as_outputs(value, n_test)
-        n_test = value.size
-        cache.put(j, s, value)
-        if bar is not None:
-            bar.update(1)
-
-    t0 = time.perf_counter()
-    workers = default_workers() if config.workers is None else int(config.workers)
-    try:
-        _map_jobs(one, jobs, workers, on_result)
-    finally:
-        if bar is not None:
-            bar.close()
-    return LDSGroundTruth(
-        masks=masks,
-        outputs=cache.outputs(m, r),
-        config=config,
-        retrained=len(jobs),
-        reused=reused,
-        seconds=time.perf_counter() - t0,
-    )
+    return _ground_truth(fit_one, int(n_train), config, 1, "LDS retraining")
 
 
 def lds_ground_truth_batched(
@@ -584,19 +549,28 @@ def lds_ground_truth_batched(
         )
     if int(batch_size) < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
-    n_train = int(n_train)
+    return _ground_truth(
+        retrain_batch, int(n_train), config, int(batch_size), "LDS retraining (batched)"
+    )
+
+
+def _ground_truth(
+    retrain_batch: RetrainBatch, n_train: int, config: LDSConfig, batch_size: int, desc: str
+) -> LDSGroundTruth:
+    """The missing ``(subset, seed)`` models of ``config``, trained in groups of ``batch_size``
+    by ``retrain_batch`` (in ``config.workers`` processes), each written to the cache."""
     masks = subset_masks(n_train, config.fraction, config.n_subsets, config.seed)
     m, r = int(config.n_subsets), int(config.seeds_per_subset)
     cache = _Cache(n_train, config)
     reused = len(cache.results)
     n_test = cache.n_test()
     todo = [(j, s) for j in range(m) for s in range(r) if (j, s) not in cache.results]
-    groups = [todo[i : i + int(batch_size)] for i in range(0, len(todo), int(batch_size))]
+    groups = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc="LDS retraining (batched)")
+        bar = tqdm(total=len(todo), desc=desc)
 
     def one(group: list[tuple[int, int]]) -> np.ndarray:
         keeps = masks[[j for j, _ in group]].clone()

@@ -7,8 +7,8 @@ features. This module provides the pieces to build such a model in PyTorch:
   Pair it with ``Objective(model, "binary_logistic", l2, params="top.")``: theta is the top
   layer, while input gradients (``I_pert,loss``, eq. 5) flow through the whole network.
 - :class:`SmallCNN` and :func:`train_feature_cnn` / :func:`cached_feature_cnn`: a small ReLU
-  CNN for 32x32 RGB images, trained (deterministically under a seed) on images *other* than
-  those of the task, then frozen. It stands in for Inception where no pretrained weights can
+  CNN for 32x32 RGB images, trained (deterministically under a seed; settings in a
+  :class:`FeatureCNNConfig`) on images *other* than those of the task, then frozen. It stands in for Inception where no pretrained weights can
   be downloaded. Weights are cached as safetensors (never pickled).
 - :func:`pretrained_backbone`: wraps a user's torchvision-style classifier (e.g.
   ``torchvision.models.inception_v3(weights="IMAGENET1K_V1")``) as a frozen feature extractor
@@ -22,10 +22,13 @@ features. This module provides the pieces to build such a model in PyTorch:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+import numbers
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BackboneFeatures",
+    "FeatureCNNConfig",
     "FeatureModel",
     "SmallCNN",
     "cached_feature_cnn",
@@ -163,31 +167,79 @@ def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tenso
     return xp.gather(3, cols)
 
 
+def _count(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
+
+
+@dataclass(frozen=True)
+class FeatureCNNConfig:
+    """The settings of one :func:`train_feature_cnn` run (validated on creation).
+
+    Attributes:
+        features: channels of the last convolution (the feature dimension).
+        epochs: passes over the images.
+        batch_size: images per step.
+        lr: AdamW's peak learning rate, decayed to 0 by a cosine over all steps.
+        weight_decay: AdamW's decoupled weight decay.
+        seed: seed of the initial weights, the batch order and the augmentation.
+        augment: random horizontal flips and 2-pixel random crops.
+    """
+
+    features: int = 64
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    seed: int = 0
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("features", "epochs", "batch_size"):
+            value = getattr(self, name)
+            if not _count(value) or value < 1:
+                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+        if not _count(self.seed):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
+        if not (isinstance(self.lr, numbers.Real) and math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"lr must be a finite number > 0, got {self.lr!r}")
+        wd = self.weight_decay
+        if not (isinstance(wd, numbers.Real) and math.isfinite(wd) and wd >= 0):
+            raise InputError(f"weight_decay must be a finite number >= 0, got {wd!r}")
+        if not isinstance(self.augment, bool):
+            raise InputError(f"augment must be True or False, got {self.augment!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings."""
+        return dataclasses.asdict(self)
+
+
 def train_feature_cnn(
     x: torch.Tensor,
     y: torch.Tensor,
+    config: FeatureCNNConfig | None = None,
     *,
-    features: int = 64,
-    epochs: int = 8,
-    batch_size: int = 128,
-    lr: float = 2e-3,
-    weight_decay: float = 5e-4,
-    seed: int = 0,
-    augment: bool = True,
     progress: bool = False,
 ) -> tuple[SmallCNN, dict[str, Any]]:
     """Train a :class:`SmallCNN` with a linear softmax classifier on ``(x, y)``; return it frozen.
 
-    Mini-batch Adam with a cosine learning-rate decay, random flips and crops, all randomness
-    drawn from generators seeded with ``seed`` (deterministic for a fixed thread count). The
-    classifier used for training is discarded: only the extractor is kept.
+    Mini-batch AdamW with a cosine learning-rate decay, random flips and crops, all randomness
+    drawn from generators seeded with ``config.seed`` (deterministic for a fixed thread count).
+    The classifier used for training is discarded: only the extractor is kept.
 
     Args:
         x: float images ``[N, 3, H, W]`` (e.g. in ``[-1, 1]``); y: integer class labels.
+        config: the settings (:class:`FeatureCNNConfig`; default ``FeatureCNNConfig()``).
+        progress: show a progress bar over the steps.
 
     Returns:
         The frozen extractor and ``info`` (epochs, final training loss and accuracy, seconds).
     """
+    if config is None:
+        config = FeatureCNNConfig()
+    if not isinstance(config, FeatureCNNConfig):
+        raise InputError(f"config must be a FeatureCNNConfig, got {type(config).__name__}")
+    features, epochs, batch_size = config.features, config.epochs, config.batch_size
+    lr, weight_decay, seed, augment = config.lr, config.weight_decay, config.seed, config.augment
     if x.ndim != 4 or x.shape[0] != y.shape[0]:
         raise InputError(
             f"need images [N, 3, H, W] and N labels, got {tuple(x.shape)}, {tuple(y.shape)}"
@@ -254,11 +306,20 @@ def cached_feature_cnn(
 
     The weights are stored as ``<name>-<fingerprint>.safetensors`` with a JSON sidecar holding
     the training info; a later call with the same images, labels and settings loads them
-    (``safetensors``, no pickle) instead of training again.
+    (``safetensors``, no pickle) instead of training again. ``train_kwargs`` are fields of
+    :class:`FeatureCNNConfig` by name.
     """
     from safetensors.torch import load_file, save_file
 
+    unknown = set(train_kwargs) - set(FeatureCNNConfig.__dataclass_fields__)
+    if unknown:
+        raise InputError(
+            f"cached_feature_cnn got unknown settings {sorted(unknown)}; the settings are the "
+            f"fields of FeatureCNNConfig: {sorted(FeatureCNNConfig.__dataclass_fields__)}"
+        )
+    # the key holds the settings as given (not every field), so existing caches stay valid
     config = {"features": 64, **train_kwargs}
+    settings = FeatureCNNConfig(**config)
     key = tensors_fingerprint(x, y, config=config, length=16)
     cache_dir = Path(cache_dir).expanduser()
     weights = cache_dir / f"{name}-{key}.safetensors"
@@ -269,7 +330,7 @@ def cached_feature_cnn(
         net.load_state_dict(load_file(str(weights)))
         info["cached"] = True
         return freeze(net), info
-    net, info = train_feature_cnn(x, y, progress=progress, **config)
+    net, info = train_feature_cnn(x, y, settings, progress=progress)
     info["architecture"] = net.config
     info["fingerprint"] = key
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -70,15 +70,18 @@ def json_fingerprint(config: Any, length: int = 64) -> str:
 
 
 def model_fingerprint(objective: Any) -> str:
-    """SHA-256 of theta (names, shapes, bytes), frozen parameters and buffers, loss and l2."""
+    """SHA-256 of theta (names, shapes, bytes), frozen parameters and buffers, loss and l2
+    (a scalar by its repr, a per-parameter ``[p]`` l2 by its bytes)."""
+    diag = objective.l2_diag
+    l2 = "per-parameter" if diag is not None else repr(objective.l2)
     h = hashlib.sha256()
-    h.update(
-        f"{type(objective.model).__qualname__}|{objective.loss_name}|{objective.l2!r}|".encode()
-    )
+    h.update(f"{type(objective.model).__qualname__}|{objective.loss_name}|{l2}|".encode())
     for name, t in objective.unflatten(objective.theta).items():
         hash_tensor(h, "theta:" + name, t)
     for name in sorted(objective.frozen):
         hash_tensor(h, "frozen:" + name, objective.frozen[name])
+    if diag is not None:
+        hash_tensor(h, "l2_diag", diag)
     return h.hexdigest()
 
 

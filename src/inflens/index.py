@@ -431,7 +431,7 @@ class InfluenceMethod(IndexMethod):
         )
         self.influence, self.solver_name, self.damping = influence, solver_name, float(damping)
         obj = objective
-        reg = (obj.l2 * obj.theta)[None]
+        reg = obj.regularizer_grad(obj.theta)[None]
         self._reg_row = self._project(reg)  # R P^T (l2 theta) or R (l2 theta)
 
     @classmethod
@@ -508,7 +508,7 @@ class InfluenceMethod(IndexMethod):
             return rows + self._reg_row.to(rows.dtype), None
         with obj.evaluating():
             g = obj.per_example_grads(x, y, "loss")
-        return self._project_train(g + obj.l2 * obj.theta), None
+        return self._project_train(g + obj.regularizer_grad(obj.theta)), None
 
     def _inverse(self, g: torch.Tensor) -> torch.Tensor:
         if self.factor is not None:
@@ -550,7 +550,8 @@ class InfluenceMethod(IndexMethod):
             "solver": self.solver_name,
             "damping": self.damping,
             "loss": self.objective.loss_name,
-            "l2": self.objective.l2,
+            # a per-parameter l2 is covered by the model fingerprint, not written here
+            "l2": self.objective.l2 if self.objective.l2_diag is None else None,
         }
         tensors: dict[str, torch.Tensor] = {}
         if self.factor is not None:

@@ -2,7 +2,8 @@
 
 Conventions (those of the paper and its original code):
 
-- ``H = (1/n) sum_i Hess loss(z_i) + l2 I (+ damping I)`` at theta-hat.
+- ``H = (1/n) sum_i Hess loss(z_i) + l2 I (+ damping I)`` at theta-hat (``diag(l2)`` for a
+  per-parameter l2, where every ``l2 * theta`` below is elementwise).
 - The *training-side* gradient includes the regulariser's gradient,
   ``g_i = grad loss(z_i) + l2 * theta`` (so that removing ``z_i`` and refitting the mean risk
   over ``n - 1`` points with the same ``l2`` is predicted exactly to first order); the
@@ -256,7 +257,7 @@ class Influence:
         curv = self._fitted()
         x, y = self._get_train(indices)
         g = self.objective.per_example_grads(x, y, "loss")
-        return g + curv.objective.l2 * curv.objective.theta
+        return g + curv.objective.regularizer_grad(curv.objective.theta)
 
     def _get_train(self, indices: Indices) -> tuple[torch.Tensor, torch.Tensor]:
         if indices is None:
@@ -347,7 +348,7 @@ class Influence:
         curv = self._fitted()
         obj = self.objective
         s = vecs.reshape(-1, obj.p).to(obj.dtype)
-        reg = obj.l2 * (s @ obj.theta)
+        reg = obj.regularizer_inner(s)
         n_scored = self.n if indices is None else int(torch.as_tensor(indices).numel())
         use_jvp = self._use_jvp(s.shape[0], n_scored)
         chunk = self._scoring_chunk_size(s.shape[0])
@@ -422,7 +423,7 @@ class Influence:
         with obj.evaluating():
             for _, x, y in curv.chunks(desc="Self-influence"):
                 g = obj.per_example_grads(x, y, "loss")
-                gt = g + obj.l2 * obj.theta if include_l2_gradient else g
+                gt = g + obj.regularizer_grad(obj.theta) if include_l2_gradient else g
                 out.append(-self.solver.inner(g, gt))
         return torch.cat(out)
 
@@ -466,7 +467,7 @@ class Influence:
                     parts.append(-obj.token_loss_jvp(v, x, y).transpose(0, 1))
             return _cat_padded(parts, 0)
         s = self.s_test(test)  # [m, p]
-        reg = obj.l2 * (s @ obj.theta)  # [m]
+        reg = obj.regularizer_inner(s)  # [m]
         idx = torch.arange(self.n) if indices is None else torch.as_tensor(indices).reshape(-1)
         size = self._token_chunk(s.shape[0], curv.chunk_size)
         parts = []
@@ -594,7 +595,9 @@ class Influence:
             "curvature": getattr(curv, "curvature", "hessian"),
             "n_train": curv.n,
             "p": curv.p,
-            "l2": self.objective.l2,
+            # None and the range for a per-parameter l2
+            "l2": self.objective.l2 if self.objective.l2_diag is None else None,
+            "l2_range": _l2_range(self.objective),
             "damping": self.damping,
             "chunk_size": curv.chunk_size,
             "hessian_vector_products": curv.num_matvecs,
@@ -609,6 +612,13 @@ class Influence:
             out["curvature_max_eigenvalue"] = ext["max_eigenvalue"]
         out["advice"] = _advice(out)
         return out
+
+
+def _l2_range(obj: Objective) -> list[float]:
+    """``[min_j l2_j, max_j l2_j]`` (both the scalar l2 when there is one)."""
+    if obj.l2_diag is None:
+        return [obj.l2, obj.l2]
+    return [float(obj.l2_diag.min()), float(obj.l2_diag.max())]
 
 
 def _advice(d: dict[str, Any]) -> list[str]:

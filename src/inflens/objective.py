@@ -1,7 +1,8 @@
 """What was trained: a model, a per-example loss, the parameters theta and the L2 penalty.
 
-The empirical risk is ``R(theta) = mean_i loss(z_i, theta) + (l2 / 2) * ||theta||^2`` over the
-*selected* parameters theta (all others are held fixed). All functions here take theta as one
+The empirical risk is ``R(theta) = mean_i loss(z_i, theta) + (1/2) sum_j l2_j theta_j^2`` over
+the *selected* parameters theta (all others are held fixed), with one ``l2`` for every entry
+(a float) or one per entry (a ``[p]`` tensor, e.g. weights regularised and biases not). All functions here take theta as one
 flat vector, so solvers see plain ``[p]`` / ``[k, p]`` tensors; the model is evaluated with
 ``torch.func.functional_call`` and per-example quantities are vectorised with ``vmap``.
 
@@ -12,6 +13,7 @@ off): influence is defined for a fixed, deterministic function of theta.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -67,6 +69,39 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = f
 
 
+def _check_l2(
+    l2: float | torch.Tensor, p: int, dtype: torch.dtype, device: torch.device
+) -> tuple[float, torch.Tensor | None]:
+    """``(scalar, None)`` for a number (or a 0-d tensor), ``(0.0, vector [p])`` for a
+    per-parameter l2; refuses a wrong shape, a negative or a non-finite entry."""
+    if isinstance(l2, torch.Tensor) and l2.ndim > 0:
+        if tuple(l2.shape) != (p,):
+            raise InputError(
+                f"a per-parameter l2 must have shape [{p}] (one weight per entry of theta, in "
+                f"the order of objective.offsets()), got {tuple(l2.shape)}; pass a float for "
+                "one l2 on every parameter"
+            )
+        vec = l2.detach().to(device=device, dtype=dtype).clone()
+        bad = ~torch.isfinite(vec) | (vec < 0)
+        if bad.any():
+            j = int(bad.nonzero()[0, 0])
+            raise InputError(
+                f"a per-parameter l2 must be finite and non-negative; entry {j} is "
+                f"{float(l2[j])} ({int(bad.sum())} bad entries); use 0 for an unregularised "
+                "parameter"
+            )
+        return 0.0, vec
+    try:
+        value = float(l2)
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"l2 must be a non-negative number or a [{p}] tensor, got {type(l2).__name__}"
+        ) from exc
+    if not (value >= 0.0):
+        raise InputError(f"l2 must be a non-negative number, got {l2}")
+    return value, None
+
+
 def _select(model: nn.Module, params: str | Sequence[str] | None) -> list[str]:
     named = dict(model.named_parameters())
     if params is None:
@@ -94,7 +129,11 @@ class Objective:
         loss: a built-in name (``"cross_entropy"``, ``"binary_logistic"``, ``"hinge"``,
             ``"smooth_hinge"``, ``"mse"``) or a callable ``(outputs, targets) -> [batch]``.
         l2: weight of ``(l2 / 2) ||theta||^2`` added to the *mean* loss (so ``H`` contains
-            ``l2 * I`` and the training-side gradient contains ``l2 * theta``).
+            ``l2 * I`` and the training-side gradient contains ``l2 * theta``); or a ``[p]``
+            tensor of per-parameter weights, ``(1/2) sum_j l2_j theta_j^2`` (``H`` contains
+            ``diag(l2)``, the gradient ``l2 * theta`` elementwise), kept in :attr:`l2_diag`.
+            Then :attr:`l2` refuses (code that assumes one scalar must not use it silently);
+            :meth:`l2_vector` and :meth:`regularizer_grad` serve both cases.
         params: ``None`` for every parameter that requires grad, or parameter names / name
             prefixes (e.g. ``"fc."``) to take as theta; the rest of the network is frozen.
         measurement: optional ``(outputs, targets) -> [batch]`` to explain instead of the test
@@ -117,7 +156,7 @@ class Objective:
         self,
         model: nn.Module,
         loss: str | LossFn,
-        l2: float = 0.0,
+        l2: float | torch.Tensor = 0.0,
         params: str | Sequence[str] | None = None,
         measurement: Measurement | None = None,
         t: float | None = None,
@@ -125,14 +164,11 @@ class Objective:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not (float(l2) >= 0.0):
-            raise InputError(f"l2 must be a non-negative number, got {l2}")
         if measurement is not None and not callable(measurement):
             raise InputError("measurement must be a callable (outputs, targets) -> [batch]")
         self.model = model
         self.loss_name, self.loss_fn = resolve_loss(loss, t)
         self.builtin_loss = isinstance(loss, str)
-        self.l2 = float(l2)
         self.measurement = measurement
         self.names = _select(model, params)
         named = dict(model.named_parameters())
@@ -156,6 +192,7 @@ class Objective:
                 f"the model parameters contain {int(bad.sum())} NaN/inf values; "
                 "influence is undefined at a non-finite theta"
             )
+        self._l2, self.l2_diag = _check_l2(l2, self.p, self.dtype, self.device)
         selected = set(self.names)
         self.frozen = {n: p.detach() for n, p in named.items() if n not in selected}
         self.frozen.update({n: b for n, b in model.named_buffers()})
@@ -173,6 +210,40 @@ class Objective:
     def p(self) -> int:
         """Number of parameters in theta."""
         return int(self.theta.numel())
+
+    @property
+    def l2(self) -> float:
+        """The scalar l2 (``(l2 / 2) ||theta||^2``). Refuses (:class:`InputError`) when the
+        objective has a per-parameter l2 (:attr:`l2_diag`), so that code assuming one scalar
+        cannot silently drop the vector."""
+        if self.l2_diag is not None:
+            raise InputError(
+                "this objective has a per-parameter l2 (objective.l2_diag, shape "
+                f"[{self.p}]) and this computation reads a single scalar objective.l2; read "
+                "objective.l2_vector() / objective.regularizer_grad(theta) instead, or build "
+                "the Objective with a float l2"
+            )
+        return self._l2
+
+    @property
+    def l2_given(self) -> float | torch.Tensor:
+        """The l2 as given to the constructor: the float, or the ``[p]`` per-parameter tensor
+        (what a second objective over the same model, or a trainer, takes as ``l2``)."""
+        return self._l2 if self.l2_diag is None else self.l2_diag
+
+    def l2_vector(self) -> torch.Tensor:
+        """``[p]``: the l2 weight of every entry of theta (a constant vector for a scalar l2)."""
+        if self.l2_diag is not None:
+            return self.l2_diag
+        return torch.full_like(self.theta, self._l2)
+
+    def with_l2(self, l2: float | torch.Tensor) -> Objective:
+        """The same trained model, loss, parameters and measurement with another ``l2`` (a
+        float or a ``[p]`` tensor, validated as in the constructor); the model is shared."""
+        other = copy.copy(self)
+        other._l2, other.l2_diag = _check_l2(l2, self.p, self.dtype, self.device)
+        other._backend = None  # selected again for the copy (a backend refers to its objective)
+        return other
 
     def offsets(self) -> dict[str, tuple[int, int]]:
         """``{name: (start, stop)}``: where each selected parameter lies in flat theta."""
@@ -319,8 +390,24 @@ class Objective:
         return self.measurement(self._loss_input(theta, x), y)
 
     def regularizer(self, theta: torch.Tensor) -> torch.Tensor:
-        """``(l2 / 2) * ||theta||^2``."""
-        return 0.5 * self.l2 * (theta * theta).sum()
+        """``(1/2) sum_j l2_j theta_j^2`` (``(l2 / 2) ||theta||^2`` for a scalar l2)."""
+        if self.l2_diag is not None:
+            return 0.5 * (self.l2_diag.to(theta) * theta * theta).sum()
+        return 0.5 * self._l2 * (theta * theta).sum()
+
+    def regularizer_grad(self, theta: torch.Tensor) -> torch.Tensor:
+        """``l2 * theta`` (elementwise for a per-parameter l2), the gradient of
+        :meth:`regularizer`; ``theta`` is ``[p]`` or ``[k, p]``."""
+        if self.l2_diag is not None:
+            return self.l2_diag.to(theta) * theta
+        return self._l2 * theta
+
+    def regularizer_inner(self, vecs: torch.Tensor) -> torch.Tensor:
+        """``[k]``: ``v_j^T (l2 * theta)`` for the rows of ``vecs [k, p]`` at theta-hat (the
+        regulariser's part of ``-score``; for a scalar l2 computed as ``l2 (v_j^T theta)``)."""
+        if self.l2_diag is not None:
+            return vecs @ (self.l2_diag * self.theta).to(vecs)
+        return self._l2 * (vecs @ self.theta)
 
     def risk(
         self,
@@ -329,7 +416,8 @@ class Objective:
         y: torch.Tensor,
         weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``mean_i w_i loss(z_i) + (l2/2)||theta||^2`` on one batch (``w = 1`` by default)."""
+        """``mean_i w_i loss(z_i) + (1/2) sum_j l2_j theta_j^2`` on one batch (``w = 1`` by
+        default)."""
         vals = self.losses(theta, x, y)
         if weights is not None:
             vals = vals * weights

@@ -7,6 +7,7 @@ through ``pyplot``, so nothing here touches global plotting state or needs a dis
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,10 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .errors import InputError
+
 __all__ = [
+    "ScatterStyle",
     "new_figure",
     "save_figure",
     "scatter_predicted_actual",
@@ -45,19 +49,40 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class ScatterStyle:
+    """How :func:`scatter_predicted_actual` draws.
+
+    Attributes:
+        title: axes title.
+        colors: optional per-point colours.
+        xlabel, ylabel: axis labels.
+        annotate: write Pearson's R and Spearman's rho in the corner.
+        limit: symmetric axis limit (default: from the data, equal on both axes).
+        equal_axes: same limits on both axes; ``False`` gives each axis its own symmetric
+            limit (useful when the predictions are off by an order of magnitude).
+    """
+
+    title: str | None = None
+    colors: Sequence[Any] | None = None
+    xlabel: str = "Actual diff in loss"
+    ylabel: str = "Predicted diff in loss"
+    annotate: bool = True
+    limit: float | None = None
+    equal_axes: bool = True
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and not float(self.limit) > 0:
+            raise InputError(f"limit must be a positive number or None, got {self.limit}")
+
+
 def scatter_predicted_actual(
     actual: Any,
     predicted: Any,
     path: str | Path | None = None,
     *,
     ax: Axes | None = None,
-    title: str | None = None,
-    colors: Sequence[Any] | None = None,
-    xlabel: str = "Actual diff in loss",
-    ylabel: str = "Predicted diff in loss",
-    annotate: bool = True,
-    limit: float | None = None,
-    equal_axes: bool = True,
+    style: ScatterStyle = ScatterStyle(),
 ) -> Axes:
     """Scatter of predicted (y) against actual (x) changes with the ``y = x`` line.
 
@@ -65,12 +90,7 @@ def scatter_predicted_actual(
         actual, predicted: 1-d arrays/tensors of equal length.
         path: save the figure here as PNG (only when ``ax`` is not given).
         ax: draw into these axes instead of a new figure.
-        title: axes title.
-        colors: optional per-point colours.
-        annotate: write Pearson's R and Spearman's rho in the corner.
-        limit: symmetric axis limit (default: from the data, equal on both axes).
-        equal_axes: same limits on both axes; ``False`` gives each axis its own symmetric
-            limit (useful when the predictions are off by an order of magnitude).
+        style: title, labels, colours, limits (:class:`ScatterStyle`).
 
     Returns:
         The axes.
@@ -81,10 +101,12 @@ def scatter_predicted_actual(
     fig = None
     if ax is None:
         fig, (ax,) = new_figure(1, 1, (4.2, 4.2))
-    ax.scatter(a, p, s=10, c=colors if colors is not None else "tab:blue", alpha=0.7, lw=0)
-    if equal_axes:
+    ax.scatter(
+        a, p, s=10, c=style.colors if style.colors is not None else "tab:blue", alpha=0.7, lw=0
+    )
+    if style.equal_axes:
         lim = float(max(np.abs(a).max(), np.abs(p).max(), 1e-12))
-        xlim = ylim = limit if limit is not None else 1.05 * lim
+        xlim = ylim = style.limit if style.limit is not None else 1.05 * lim
     else:
         xlim = 1.05 * float(max(np.abs(a).max(), 1e-12))
         ylim = 1.05 * float(max(np.abs(p).max(), 1e-12))
@@ -92,15 +114,15 @@ def scatter_predicted_actual(
     ax.plot([-big, big], [-big, big], color="0.4", lw=0.8, ls="--", label="y = x")
     ax.set_xlim(-xlim, xlim)
     ax.set_ylim(-ylim, ylim)
-    if equal_axes:
+    if style.equal_axes:
         ax.set_aspect("equal")
     ax.axhline(0, color="0.85", lw=0.5, zorder=0)
     ax.axvline(0, color="0.85", lw=0.5, zorder=0)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    if annotate and len(a) >= 3 and np.std(a) > 0 and np.std(p) > 0:
+    ax.set_xlabel(style.xlabel)
+    ax.set_ylabel(style.ylabel)
+    if style.title:
+        ax.set_title(style.title)
+    if style.annotate and len(a) >= 3 and np.std(a) > 0 and np.std(p) > 0:
         r = stats.pearsonr(a, p)[0]
         rho = stats.spearmanr(a, p)[0]
         ax.text(

@@ -14,7 +14,9 @@ n - 1 points* (the paper's leave-one-out protocol, ``C = 1/((n-1) l2)``) use
   most ``tol``; each closure is one chunked pass over the data (bounded memory); its settings
   are an :class:`LBFGSConfig`.
 - :func:`fit_adam`: mini-batch Adam with an optional learning-rate schedule, deterministic
-  under a seed, resumable from (and returning) the optimiser state.
+  under a seed, resumable from (and returning) the optimiser state (an :class:`AdamStart`).
+  :func:`fit_adam_resumable` runs it in fixed chunks checkpointed to safetensors (a
+  :class:`CheckpointConfig`), so a killed run resumes and ends with the same numbers.
 - :func:`fit_linear_svm`: an exact hinge-loss linear SVM without bias (liblinear dual
   coordinate descent, then an active-set polish with a duality-gap certificate).
 - :func:`newton_minimize`: the one damped Newton iteration (chord steps with a fixed
@@ -25,18 +27,21 @@ n - 1 points* (the paper's leave-one-out protocol, ``C = 1/((n-1) l2)``) use
   refits call it with their own closed forms.
 
 Every trainer returns a :class:`Fit` (theta, what happened, and for Adam the optimiser state).
-Trainers never modify the model or the objective unless ``load=True``.
+Trainers never modify the model or the objective unless ``load=True`` (the Adam trainers
+never do: ``objective.load_into_model(fit.theta)``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,11 +55,14 @@ from .objective import Objective
 
 __all__ = [
     "AdamConfig",
+    "AdamStart",
+    "CheckpointConfig",
     "Fit",
     "FitInfo",
     "LBFGSConfig",
     "batch_sequence",
     "fit_adam",
+    "fit_adam_resumable",
     "fit_lbfgs",
     "fit_linear_svm",
     "fit_newton",
@@ -122,7 +130,7 @@ def loo_weights(n: int, remove: int | torch.Tensor, dtype: torch.dtype = torch.f
 
 def _resolve_l2(objective: Objective, l2: L2Like) -> float | torch.Tensor:
     if l2 is None:
-        return objective.l2
+        return objective.l2_given
     if isinstance(l2, torch.Tensor):
         if l2.shape != (objective.p,):
             raise InputError(
@@ -476,18 +484,63 @@ class AdamConfig:
         return d
 
 
+@dataclass(frozen=True, eq=False)
+class AdamStart:
+    """Where an Adam run starts: the parameters and, to continue a run, its optimiser state.
+
+    Attributes:
+        theta: the flat ``[p]`` start.
+        state: the Adam state of an earlier run, as in :attr:`Fit.state`: the moments ``m`` and
+            ``v`` (theta's shape) and the global ``step`` already taken (it sets the bias
+            correction and the schedule's position); ``None``: zero moments at step 0.
+
+    Continuing from a run's theta and state on the next batches is the same arithmetic as one
+    longer run. It is not modified by the trainers.
+    """
+
+    theta: torch.Tensor
+    state: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.theta, torch.Tensor) or self.theta.ndim != 1:
+            raise InputError(
+                "AdamStart.theta must be a flat [p] tensor (e.g. objective.theta or fit.theta), "
+                f"got {type(self.theta).__name__} of shape {tuple(getattr(self.theta, 'shape', ()))}"
+            )
+        if self.state is None:
+            return
+        missing = {"m", "v", "step"} - set(self.state)
+        if missing:
+            raise InputError(
+                f"AdamStart.state needs 'm', 'v' and 'step' (the state of a fit_adam Fit); "
+                f"missing {sorted(missing)}"
+            )
+        for key in ("m", "v"):
+            t = self.state[key]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(self.theta.shape):
+                raise InputError(
+                    f"AdamStart.state[{key!r}] must be a tensor of theta's shape "
+                    f"{tuple(self.theta.shape)}, got {tuple(getattr(t, 'shape', ()))}"
+                )
+        if int(self.state["step"]) < 0:
+            raise InputError(f"AdamStart.state['step'] must be >= 0, got {self.state['step']}")
+
+    @classmethod
+    def from_fit(cls, fit: Fit) -> AdamStart:
+        """Continue an earlier :func:`fit_adam` run: its theta and its optimiser state."""
+        return cls(fit.theta, fit.state)
+
+
 def fit_adam(
     objective: Objective,
     train: DataLike,
     config: AdamConfig,
     *,
-    theta0: torch.Tensor | None = None,
-    state: dict[str, Any] | None = None,
+    start: AdamStart | None = None,
     subset: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     l2: L2Like = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
-    load: bool = False,
 ) -> Fit:
     """Mini-batch Adam on the (weighted) batch mean of the losses plus ``(l2/2)||theta||^2``.
 
@@ -502,11 +555,10 @@ def fit_adam(
         objective: model, loss and default l2; its theta is the default start.
         train: the training data (``(X, y)`` tensors, Dataset or non-shuffling DataLoader).
         config: steps, batch size, learning rate and schedule, seed (:class:`AdamConfig`).
-        theta0: start; default ``objective.theta``.
-        state: optimiser state of an earlier :class:`Fit` (``m``, ``v``, ``step``) to resume or
-            warm-start from (e.g. the final state of the original training, so that a
-            leave-one-out retrain continues with the same moments and decayed learning rate).
-            It is not modified.
+        start: the start theta and, to resume or warm-start, the optimiser state of an earlier
+            run (:class:`AdamStart`; e.g. ``AdamStart.from_fit(original)``, so that a
+            leave-one-out retrain continues with the same moments and decayed learning rate);
+            default ``objective.theta`` with zero moments at step 0.
         subset: train only on these training indices (the batches are drawn from them).
         weights: ``[n]`` non-negative example weights; the batch risk is
             ``sum_b w_i loss_i / sum_b w_i``. Batches are drawn from all ``n`` points whatever
@@ -514,13 +566,19 @@ def fit_adam(
             point is weight 0: paired leave-one-out retraining).
         l2: override of the objective's l2 (float or ``[p]`` per-parameter tensor).
         callback: ``(steps_done, theta) -> None`` after every step (e.g. to measure snapshots).
-        load: copy the result into the model and set ``objective.theta``.
 
     Returns:
         A :class:`Fit` with theta ``[p]`` and ``state`` (``m``, ``v``, ``step``, ``losses``).
+        The model and the objective are not modified (``objective.load_into_model(fit.theta)``
+        to use the result).
     """
     if not isinstance(config, AdamConfig):
         raise InputError(f"config must be an AdamConfig, got {type(config).__name__}")
+    if start is not None and not isinstance(start, AdamStart):
+        raise InputError(
+            f"start must be an AdamStart (theta and optionally the Adam state), got "
+            f"{type(start).__name__}"
+        )
     if subset is not None and weights is not None:
         raise InputError("give subset or weights, not both")
     t_start = time.perf_counter()
@@ -543,9 +601,10 @@ def fit_adam(
     else:
         x_all, y_all = obj.prepare(*data.get(torch.arange(len(data))), "training data")
 
-    theta = (obj.theta if theta0 is None else theta0).detach().to(obj.theta).clone()
+    theta = (obj.theta if start is None else start.theta).detach().to(obj.theta).clone()
     if theta.shape != (obj.p,):
-        raise InputError(f"theta0 must have shape [{obj.p}], got {tuple(theta.shape)}")
+        raise InputError(f"start.theta must have shape [{obj.p}], got {tuple(theta.shape)}")
+    state = None if start is None else start.state
     if state is not None:
         m = state["m"].detach().to(theta).clone()
         v = state["v"].detach().to(theta).clone()
@@ -593,7 +652,6 @@ def fit_adam(
         raise SolverDivergedError(
             "Adam produced non-finite parameters; lower the learning rate or check the data"
         )
-    _finish(obj, theta, load)
     info = FitInfo(
         method="adam",
         iterations=steps,
@@ -602,6 +660,160 @@ def fit_adam(
         extra={"config": cfg.to_dict(), "global_step": k0 + steps},
     )
     return Fit(theta, info, {"m": m, "v": v, "step": k0 + steps, "losses": losses})
+
+
+def _whole_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | np.integer)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and how often :func:`fit_adam_resumable` saves its progress (validated on creation).
+
+    Attributes:
+        path: the safetensors checkpoint, written atomically (temporary file + rename).
+        chunk_steps: Adam steps between checkpoints. It is part of the result (every chunk
+            draws its batches under its own seed), so keep it fixed across runs to be compared.
+        tag: names the run; a checkpoint at ``path`` with another tag is ignored (and replaced
+            at the end of the first chunk). Put everything the result depends on in it.
+        snapshots: steps of this run (1-based) after which ``measure(theta)`` is recorded.
+    """
+
+    path: Path
+    chunk_steps: int
+    tag: str = ""
+    snapshots: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str | Path):
+            raise InputError(f"path must be a str or Path, got {type(self.path).__name__}")
+        object.__setattr__(self, "path", Path(self.path))
+        if self.path.is_dir():
+            raise InputError(f"the checkpoint path {self.path} is a folder; name a file in it")
+        if not _whole_number(self.chunk_steps) or self.chunk_steps < 1:
+            raise InputError(f"chunk_steps must be an integer >= 1, got {self.chunk_steps!r}")
+        if not isinstance(self.tag, str):
+            raise InputError(f"tag must be a str, got {type(self.tag).__name__}")
+        snaps = tuple(self.snapshots)
+        if not all(_whole_number(s) and s >= 1 for s in snaps):
+            raise InputError(f"snapshots must be steps >= 1 (integers), got {snaps}")
+        object.__setattr__(self, "snapshots", tuple(sorted({int(s) for s in snaps})))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings."""
+        return {**self.__dict__, "path": str(self.path), "snapshots": list(self.snapshots)}
+
+
+def fit_adam_resumable(
+    objective: Objective,
+    train: DataLike,
+    config: AdamConfig,
+    checkpoint: CheckpointConfig,
+    *,
+    start: AdamStart | None = None,
+    weights: torch.Tensor | None = None,
+    l2: L2Like = None,
+    measure: Callable[[torch.Tensor], float] | None = None,
+) -> Fit:
+    """``config.steps`` steps of :func:`fit_adam` in fixed chunks, each chunk's end saved to
+    ``checkpoint.path``; a later call with the same tag resumes from the last saved chunk.
+
+    Chunk ``c`` (steps ``c * chunk_steps + 1`` to ``(c + 1) * chunk_steps``) is one
+    :func:`fit_adam` call with batch seed ``config.seed + 1_000_003 * c`` (a fresh permutation
+    per chunk) that continues from the previous chunk's theta and Adam state (moments, global
+    step: the schedule and the bias correction run on). So the result depends on
+    ``chunk_steps`` but not on where a run was interrupted: a resumed run does the same
+    arithmetic as an uninterrupted one and ends with the same bits.
+
+    The checkpoint holds the tensors ``theta``, ``m``, ``v`` and the metadata ``tag``,
+    ``done`` (steps of this run finished), ``step`` (global Adam step) and ``snapshots``
+    (JSON); no pickle. A finished run's checkpoint is returned without taking a step.
+
+    Args:
+        objective, train, config, weights, l2: as for :func:`fit_adam`.
+        checkpoint: path, chunk size, tag and snapshot steps (:class:`CheckpointConfig`).
+        start: theta and optionally the Adam state to start from (:class:`AdamStart`;
+            default ``objective.theta``, zero moments); ignored when the checkpoint is resumed.
+        measure: ``theta -> float`` recorded after each of ``checkpoint.snapshots`` steps.
+
+    Returns:
+        A :class:`Fit`: theta, the Adam state (``m``, ``v``, ``step``; ``losses`` of the last
+        chunk run in this call) and in ``info.extra`` the ``snapshots``
+        (``{str(step): measure(theta)}``) and ``resumed_at`` (steps loaded from the checkpoint).
+    """
+    from safetensors import safe_open
+
+    from .artifacts import _save_tensors
+
+    if not isinstance(checkpoint, CheckpointConfig):
+        raise InputError(f"checkpoint must be a CheckpointConfig, got {type(checkpoint).__name__}")
+    if not isinstance(config, AdamConfig):
+        raise InputError(f"config must be an AdamConfig, got {type(config).__name__}")
+    total, chunk, path = int(config.steps), int(checkpoint.chunk_steps), checkpoint.path
+    late = [s for s in checkpoint.snapshots if s > total]
+    if late:
+        raise InputError(f"snapshots {late} lie beyond the run's {total} steps")
+    if checkpoint.snapshots and measure is None:
+        raise InputError("snapshots need a measure (theta -> float) to record")
+    t_start = time.perf_counter()
+    done = 0
+    theta = objective.theta if start is None else start.theta
+    st = None if start is None else start.state
+    snaps: dict[str, float] = {}
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("tag") == checkpoint.tag:
+                saved = {k: f.get_tensor(k) for k in f.keys()}
+                done = int(meta["done"])
+                theta = saved["theta"]
+                st = {"m": saved["m"], "v": saved["v"], "step": int(meta["step"]), "losses": []}
+                snaps = json.loads(meta.get("snapshots", "{}"))
+    if done > total:
+        raise InputError(
+            f"the checkpoint {path} (tag {checkpoint.tag!r}) has {done} steps done, more than "
+            f"the {total} asked for; give this run another tag or path"
+        )
+    resumed_at = done
+    while done < total:
+        c = done // chunk
+        steps = min(chunk, total - done)
+        first = done
+
+        def callback(j: int, th: torch.Tensor, first: int = first) -> None:
+            if measure is not None and first + j in checkpoint.snapshots:
+                snaps[str(first + j)] = float(measure(th))
+
+        fit = fit_adam(
+            objective,
+            train,
+            dataclasses.replace(config, steps=steps, seed=config.seed + 1_000_003 * c),
+            start=AdamStart(theta, st),
+            weights=weights,
+            l2=l2,
+            callback=callback,
+        )
+        theta, st, done = fit.theta, fit.state, done + steps
+        meta = {"tag": checkpoint.tag, "done": str(done), "step": str(int(st["step"]))}
+        meta["snapshots"] = json.dumps(snaps)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_tensors(path, {"theta": theta, "m": st["m"], "v": st["v"]}, meta)
+    if st is None:  # zero steps from a fresh start
+        st = {"m": torch.zeros_like(theta), "v": torch.zeros_like(theta), "step": 0, "losses": []}
+    info = FitInfo(
+        method="adam",
+        iterations=total - resumed_at,
+        converged=True,
+        seconds=time.perf_counter() - t_start,
+        extra={
+            "config": config.to_dict(),
+            "checkpoint": checkpoint.to_dict(),
+            "global_step": int(st["step"]),
+            "resumed_at": resumed_at,
+            "snapshots": snaps,
+        },
+    )
+    return Fit(theta, info, st)
 
 
 # ---------------------------------------------------------------------------------- SVM

@@ -49,7 +49,7 @@ from .data import Data, DataLike
 from .errors import InputError
 from .fingerprint import tensors_fingerprint
 from .influence import Influence
-from .train import AdamConfig, Fit, fit_adam, fit_lbfgs, loo_weights
+from .train import AdamConfig, AdamStart, Fit, fit_adam, fit_lbfgs, loo_weights
 
 __all__ = ["LOOConfig", "LOOResult", "correlations", "leave_one_out", "select_indices"]
 
@@ -124,7 +124,7 @@ class LOOResult:
 
         ``against="reference"`` plots the actual changes relative to the reference run.
         """
-        from .plots import scatter_predicted_actual
+        from .plots import ScatterStyle, scatter_predicted_actual
 
         if against not in ("theta_hat", "reference"):
             raise InputError("against must be 'theta_hat' or 'reference'")
@@ -133,7 +133,9 @@ class LOOResult:
             if self.actual_vs_reference is None:
                 raise InputError("this result has no reference run (reference=False)")
             actual = self.actual_vs_reference
-        return scatter_predicted_actual(actual, self.predicted, path, ax=ax, title=title)
+        return scatter_predicted_actual(
+            actual, self.predicted, path, ax=ax, style=ScatterStyle(title=title)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary: correlations, values and diagnostics."""
@@ -360,9 +362,11 @@ def leave_one_out(
                 obj, train, theta0=theta_hat, weights=w, tol=tol, max_iter=max_iter
             )
             d = info.to_dict()
-            if obj.l2 > 0:
+            # the smallest l2 weight is the risk's guaranteed strong convexity
+            lam = obj.l2 if obj.l2_diag is None else float(obj.l2_diag.min())
+            if lam > 0:
                 d["measurement_error_bound"] = (
-                    _measure_grad_norm(influence, theta, test_data) * info.grad_norm / obj.l2
+                    _measure_grad_norm(influence, theta, test_data) * info.grad_norm / lam
                 )
             return theta, d
 
@@ -374,8 +378,7 @@ def leave_one_out(
                 obj,
                 train,
                 cfg.adam,
-                theta0=theta_hat,
-                state=cfg.optimizer_state,
+                start=AdamStart(theta_hat, cfg.optimizer_state),
                 subset=None if bool(keep.all()) else keep.nonzero()[:, 0],
             )
             return fit.theta, {"steps": cfg.adam.steps, "seconds": fit.info.seconds}

@@ -115,6 +115,8 @@ def test_attack_respects_box_raises_loss_and_leaves_caller_untouched() -> None:
     assert float(res.x_poisoned.abs().max()) <= 1.0
     assert res.target_loss_after > res.target_loss_before
     assert res.iterations == 5 and len(res.history) == 5
+    # the last history entry is the reported end state (AttackResult.record keeps them together)
+    assert res.history[-1] == {"target_loss": res.target_loss_after, "n_flipped": res.n_flipped}
     assert res.feature_change is not None and res.feature_change.shape == (3,)
     torch.testing.assert_close(obj.theta, theta_before, rtol=0, atol=0)
     for k, v in obj.model.state_dict().items():  # the caller's model is never written to
@@ -136,6 +138,7 @@ def test_early_stop_when_the_prediction_flips() -> None:
     assert k is not None, "a +-1 box on 8x8 images should flip a random test point"
     last = results[-1]
     assert last.success and bool(last.flipped[0]) and last.iterations < 60
+    assert len(last.history) == last.iterations and last.history[-1]["n_flipped"] == 1
     assert float(last.prob_true_after[0]) < 0.5 <= float(last.prob_true_before[0])
     assert all(not r.success for r in results[:-1])
     # the flip is real: the refit model on the poisoned data mispredicts the target

@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+import inflens.train
 from inflens import Objective
 from inflens.errors import InputError
 from inflens.experiments import fig2_cnn as f2
 from inflens.solvers import CG, Exact
-from inflens.train import AdamConfig, fit_adam, piecewise_constant
+from inflens.train import AdamConfig, AdamStart, fit_adam, piecewise_constant
 
 DT = torch.float64
 
@@ -41,7 +42,7 @@ def test_paired_adam_with_every_point_equals_fit_adam():
     theta, state = _state(obj, x, y)
     sched = piecewise_constant([10], [1.0, 0.1])
     cfg = AdamConfig(9, 8, 1e-2, schedule=sched, seed=17)
-    ref = fit_adam(obj, (x, y), cfg, theta0=theta, state=state).theta
+    ref = fit_adam(obj, (x, y), cfg, start=AdamStart(theta, state)).theta
     paired = f2.PairedAdam(obj, (x, y), state, cfg)
     got, info = paired(torch.ones(len(y), dtype=torch.bool), theta)
     assert info["steps"] == 9
@@ -231,6 +232,19 @@ def test_per_parameter_l2_predictions_match_an_explicit_hessian(solver: str):
         obj, (x, y), (xt, yt), torch.full_like(l2, 0.05), damping, Exact()
     )
     assert (other - ref).abs().max() > 1e-3 * ref.abs().max()
+    # the same as Influence on an Objective that carries the per-parameter l2 itself
+    from inflens import Influence
+
+    direct = Influence(
+        Objective(model, "cross_entropy", l2=l2), (x, y), solver="exact", damping=damping,
+        progress=False,
+    ).fit().predicted_loss_change((xt, yt))[0]  # fmt: skip
+    assert torch.allclose(direct, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+    # an objective that already has an l2 is refused (the l2 would count twice)
+    with pytest.raises(InputError, match="l2=0"):
+        f2.per_parameter_l2_predictions(
+            Objective(model, "cross_entropy", l2=0.01), (x, y), (xt, yt), l2, damping, Exact()
+        )
 
 
 def test_weight_l2_covers_the_weights_not_the_biases():
@@ -282,7 +296,7 @@ def test_paper_run_resumes_after_a_kill_with_the_same_result(
     train, test = f2._paper_data(shared_data, cfg.n_train)
     ref = f2.paper_run(cfg, train, test, tmp_path / "ref", progress=False)
 
-    real = f2.fit_adam
+    real = inflens.train.fit_adam  # the chunks of inflens.train.fit_adam_resumable
     calls = {"n": 0, "limit": 0}
 
     def dying(*args, **kwargs):
@@ -292,14 +306,14 @@ def test_paper_run_resumes_after_a_kill_with_the_same_result(
         return real(*args, **kwargs)
 
     out = tmp_path / "killed"
-    monkeypatch.setattr(f2, "fit_adam", dying)
+    monkeypatch.setattr(inflens.train, "fit_adam", dying)
     for limit in (2, 6):  # chunk 2 of training; a chunk in the middle of the retraining
         calls.update(n=0, limit=limit)
         with pytest.raises(KeyboardInterrupt):
             f2.paper_run(cfg, train, test, out, progress=False)
     assert (out / "train_8.safetensors").is_file() and (out / "retrain_8_6.json").is_file()
     assert (out / "influence_8.safetensors").is_file()  # the Hessian is not recomputed
-    monkeypatch.setattr(f2, "fit_adam", real)
+    monkeypatch.setattr(inflens.train, "fit_adam", real)
     got = f2.paper_run(cfg, train, test, out, progress=False)
     assert got["loo"]["indices"] == ref["loo"]["indices"]
     # identical operations in the same order: equal up to float32 round-off at most

@@ -59,3 +59,16 @@ def test_one_thread_when_quick_restores_the_thread_count() -> None:
         assert seen == [1, 1, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_fig4_config_is_validated(tmp_path: Path) -> None:
+    from inflens.errors import InputError
+
+    with pytest.raises(InputError, match="size"):
+        fig4.Fig4Config(size=0)
+    with pytest.raises(InputError, match="gamma"):
+        fig4.Fig4Config(gamma=-1.0)
+    with pytest.raises(InputError, match="two classes"):
+        fig4.Fig4Config(classes=("dog",))
+    with pytest.raises(InputError, match="Fig4Config"):
+        fig4.run(None, tmp_path, quick=True, progress=False, config={"gamma": 1.0})

@@ -20,8 +20,7 @@ Solves default to CG preconditioned by the exact inverse Hessian at the clean op
 relative residual of 1e-10 (the exact solution to round-off, for a few products per step).
 
 Example:
-    >>> atk = TrainingSetAttack(Objective(model, "binary_logistic", l2=1e-3, params="top."),
-    ...                         (x_train, y_train))
+    >>> atk = TrainingSetAttack(Objective(model, "binary_logistic", params="top."), (x, y))
     >>> order, l1 = atk.rank((x_test[:1], y_test[:1]))                      # whom to poison
     >>> res = atk.run((x_test[:1], y_test[:1]), order[:2], iterations=100)
     >>> res.success, res.iterations, res.delta_linf_levels()
@@ -42,9 +41,9 @@ from ..errors import InputError, SolverDivergedError
 from ..features import FeatureModel, extract_features
 from ..influence import Influence
 from ..objective import Objective
-from ..solvers import CG, Exact, Solver, make_solver
+from ..solvers import CG, Exact, Solver
 from ..train import LBFGSConfig, fit_lbfgs, fit_newton
-from .attack_types import AttackConfig, AttackResult, Pair, PixelBox, eight_bit_level
+from .attack_types import AttackConfig, AttackResult, Pair, PixelBox, TargetState, eight_bit_level
 from .labels import as_classes, outputs_to_labels, probability_of_label
 
 __all__ = [
@@ -65,8 +64,7 @@ _PRECONDITION_MAX_P = 4096  # largest theta whose exact inverse Hessian precondi
 
 
 class _FixedInverse(Solver):
-    """A fixed SPD ``M ~ (H + damping I)^-1`` applied as ``rhs @ M``: a CG preconditioner
-    that, unlike a fitted solver, is not refitted on every curvature (``fit`` only binds)."""
+    """``rhs @ M`` for a fixed ``M ~ H^-1``: a CG preconditioner that ``fit`` does not refit."""
 
     name = "fixed_inverse"
 
@@ -111,77 +109,65 @@ class TrainingSetAttack:
         self.config, self.x, self.y, self.progress = cfg, x.to(objective.dtype), y, cfg.progress
         self.step = 0.02 * eight_bit_level(cfg.value_range) if cfg.step is None else cfg.step
         self.box = cfg.box if cfg.box is not None else PixelBox.eight_bit(cfg.value_range)
-        model = objective.model
-        self.fast = isinstance(model, FeatureModel) and all(
-            n.startswith("top.") for n in objective.names
-        )
+        model, names = objective.model, list(objective.names)
+        self.fast = isinstance(model, FeatureModel) and all(n.startswith("top.") for n in names)
         # the attack's own objective on a private copy of the trainable part
         if self.fast:
-            self.extractor = model.features
-            part, names = copy.deepcopy(model.top).double(), [n[4:] for n in objective.names]
-        else:
-            part, names = copy.deepcopy(model), list(objective.names)
+            self.extractor, names = model.features, [n[4:] for n in names]
+        part = copy.deepcopy(model.top).double() if self.fast else copy.deepcopy(model)
         self._obj = Objective(
             part, objective.loss_fn, objective.l2, params=names, measurement=objective.measurement
         )
         self._loss_name = objective.loss_name if objective.builtin_loss else None
         self.f = self._features(self.x) if self.fast else self.x
-        retrain = cfg.retrain
-        if retrain == "auto":
-            retrain = "newton" if self.fast and self._obj.p <= _PRECONDITION_MAX_P else "lbfgs"
-        self.retrain = retrain
+        auto = "newton" if self.fast and self._obj.p <= _PRECONDITION_MAX_P else "lbfgs"
+        self.retrain = auto if cfg.retrain == "auto" else cfg.retrain
         self.stats = {"influence_fits": 0, "refits": 0, "chord_steps": 0, "newton_steps": 0}
         theta = objective.theta.detach().to(self._obj.dtype).clone()
         # The exact inverse Hessian at the clean optimum preconditions every solve and is the
         # chord step of the Newton refits: an attack moves theta and a few rows only a little.
         self._pre: torch.Tensor | None = None
-        if self._obj.p <= _PRECONDITION_MAX_P and (cfg.solver is None or retrain == "newton"):
+        if self._obj.p <= _PRECONDITION_MAX_P and (cfg.solver is None or self.retrain == "newton"):
             exact = self._influence(theta, self.f, Exact(method="cholesky"), 0.0).solver
             self._pre = exact.dense_inverse()
         self.theta0 = self._refit(theta, self.f) if cfg.refit_start else theta
 
     # ------------------------------------------------------------ query and refit
     def _influence(
-        self, theta: torch.Tensor, inputs: torch.Tensor, solver: Solver | None, damping: float
+        self, theta: torch.Tensor, f: torch.Tensor, solver: str | Solver | None, damping: float
     ) -> Influence:
-        """An :class:`Influence` on ``(inputs, y)`` fitted at ``theta`` (``solver=None``: CG
-        preconditioned by the clean exact inverse)."""
+        """An :class:`Influence` on ``(f, y)`` fitted at ``theta`` (default: CG, ``_pre``)."""
         self._obj.load_into_model(theta)
         self.stats["influence_fits"] += 1
-        if solver is None:
+        if solver is None:  # a wrapper per fit: Influence.fit canonicalises what a solver holds
             pre = None if self._pre is None else _FixedInverse(self._pre)
             solver = CG(tol=_CG_TOL, preconditioner=pre)
-        inf = Influence(self._obj, (inputs, self.y), solver=solver, damping=damping, progress=False)
+        inf = Influence(self._obj, (f, self.y), solver=solver, damping=damping, progress=False)
         return inf.fit()
 
     def _s_test(
-        self, theta: torch.Tensor, inputs: torch.Tensor, targets: Pair, mean: bool
+        self, theta: torch.Tensor, f: torch.Tensor, targets: Pair, mean: bool = True
     ) -> torch.Tensor:
-        s = self.config.solver
         # a fresh solver per query: fitting a solver binds it to one curvature
-        solver = (
-            None if s is None else copy.deepcopy(s) if isinstance(s, Solver) else make_solver(s)
-        )
-        inf = self._influence(theta, inputs, solver, float(self.config.damping))
-        return inf.s_test(targets, mean=mean)
+        solver, damping = copy.deepcopy(self.config.solver), float(self.config.damping)
+        return self._influence(theta, f, solver, damping).s_test(targets, mean=mean)
 
-    def _refit(self, theta0: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """Theta refitted exactly on ``(inputs, y)``, warm-started at ``theta0``."""
+    def _refit(self, theta0: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """Theta refitted exactly on ``(f, y)``, warm-started at ``theta0``."""
         self.stats["refits"] += 1
         obj, y, tol = self._obj, self.y, float(self.config.tol)
         if callable(self.retrain):
             obj.load_into_model(theta0)
-            return self.retrain(obj, (inputs, y), theta0.clone()).detach().to(obj.dtype)
+            return self.retrain(obj, (f, y), theta0.clone()).detach().to(obj.dtype)
         if self.retrain == "lbfgs":
-            return fit_lbfgs(obj, (inputs, y), theta0, config=LBFGSConfig(tol, 1000)).theta
-        pre = self._pre
+            return fit_lbfgs(obj, (f, y), theta0, config=LBFGSConfig(tol, 1000)).theta
         fit = fit_newton(
             obj,
-            (inputs, y),
-            None if pre is None else (lambda g: g @ pre),
+            (f, y),
+            None if self._pre is None else (lambda g: g @ self._pre),
             theta0,
             tol=tol,
-            solve=lambda th, g: self._influence(th, inputs, None, 0.0).solver.solve(g[None])[0],
+            solve=lambda th, g: self._influence(th, f, None, 0.0).solver.solve(g[None])[0],
         )
         self.stats["chord_steps"] += fit.info.extra["chord_steps"]
         self.stats["newton_steps"] += fit.info.extra["newton_steps"]
@@ -196,33 +182,27 @@ class TrainingSetAttack:
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return extract_features(self.extractor, x, self.config.chunk_size).double()
 
-    def _target_inputs(self, x_t: torch.Tensor) -> torch.Tensor:
-        x_t = x_t.to(self.x.dtype)
-        return self._features(x_t) if self.fast else x_t
-
-    def _vjps(self, x: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
-        """``[m, B, *x]``: ``J(x_b)^T vs[t, b]`` through the frozen extractor, one backward
-        pass per ``t`` (``vs [m, B, d]``)."""
-        xb = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            fb = self.extractor(xb)
-            grads = [torch.autograd.grad(fb, xb, v.to(fb.dtype), retain_graph=True)[0] for v in vs]
-        return torch.stack(grads)
+    def _target_inputs(self, targets: Pair) -> Pair:
+        x_t = targets[0].to(self.x.dtype)
+        return (self._features(x_t) if self.fast else x_t), targets[1]
 
     def _pixel_grads(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``[B, *x]``: the chain rule ``J(x_i)^T u_i`` through the frozen extractor (identity
-        without one), in chunks."""
+        """``[m, B, *x]``: ``J(x_b)^T u[t, b]`` through the frozen extractor for ``u [m, B, d]``
+        (``u`` itself without one), one backward pass per ``t`` and chunk of images."""
         if not self.fast:
             return u
-        size = self.config.chunk_size
-        parts = [
-            self._vjps(x[j : j + size], u[None, j : j + size])[0] for j in range(0, len(x), size)
-        ]
-        return torch.cat(parts)
+        size, parts = self.config.chunk_size, []
+        for xc, uc in zip(x.split(size), u.split(size, dim=1)):
+            xb = xc.detach().requires_grad_(True)
+            with torch.enable_grad():
+                fb = self.extractor(xb)
+                grads = [
+                    torch.autograd.grad(fb, xb, v.to(fb.dtype), retain_graph=True)[0] for v in uc
+                ]
+            parts.append(torch.stack(grads))
+        return torch.cat(parts, 1)
 
-    def _state(
-        self, theta: torch.Tensor, targets: Pair
-    ) -> tuple[torch.Tensor, float, torch.Tensor]:
+    def _state(self, theta: torch.Tensor, targets: Pair) -> TargetState:
         """``(flipped [m], mean target loss, p(true label) [m])`` at ``theta``."""
         ft, yt = targets
         with torch.no_grad():
@@ -234,10 +214,9 @@ class TrainingSetAttack:
     def describe(self) -> dict[str, Any]:
         """How the attack computes (solver, refit, feature cache) and what it did so far."""
         s = self.config.solver
+        pre = "cg preconditioned by the clean exact inverse"
         return {
-            "query_solver": "cg preconditioned by the clean exact inverse"
-            if s is None
-            else getattr(s, "name", str(s)),
+            "query_solver": pre if s is None else getattr(s, "name", str(s)),
             "retrain": self.retrain if isinstance(self.retrain, str) else "callable",
             "feature_cache": self.fast,
             "p": self._obj.p,
@@ -248,19 +227,16 @@ class TrainingSetAttack:
     def rank(
         self, targets: Pair, candidates: Sequence[int] | torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rank training points by ``||I_pert,loss(z_i, T)||_1`` at the original theta (``T``:
-        the targets' mean loss). Returns ``(order, l1)``: candidates by decreasing L1 norm of
-        the input influence, and those norms."""
-        n = self.x.shape[0]
-        cand = torch.arange(n) if candidates is None else torch.as_tensor(candidates).long()
-        cand, size = cand.reshape(-1), self.config.chunk_size
-        s = self._s_test(self.theta0, self.f, (self._target_inputs(targets[0]), targets[1]), True)
+        """``(order, l1)``: the candidates (default: all) by decreasing ``||I_pert,loss(z_i,
+        T)||_1`` at the original theta (``T``: the targets' mean loss), and those norms."""
+        th, everyone = self.theta0, torch.arange(self.x.shape[0])
+        cand = torch.as_tensor(everyone if candidates is None else candidates).long().reshape(-1)
+        s = self._s_test(th, self.f, self._target_inputs(targets))[0]
         parts = []
-        for j in range(0, cand.numel(), size):
-            c = cand[j : j + size]  # g_i = grad_x (s . grad_theta loss(z_i)) = -I_pert,loss
-            u = self._obj.input_grad_of_loss_jvp(s[0], self.f[c], self.y[c], self.theta0)
-            g = self._pixel_grads(u, self.x[c])
-            parts.append(g.reshape(g.shape[0], -1).abs().sum(1))
+        for c in cand.split(self.config.chunk_size):
+            # g_i = grad_x (s . grad_theta loss(z_i)) = -I_pert,loss
+            u = self._obj.input_grad_of_loss_jvp(s, self.f[c], self.y[c], th)
+            parts.append(self._pixel_grads(u[None], self.x[c])[0].reshape(len(c), -1).abs().sum(1))
         l1 = torch.cat(parts)
         order = torch.argsort(l1, descending=True)
         return cand[order], l1[order]
@@ -284,25 +260,19 @@ class TrainingSetAttack:
             rows = [self.rank((x_t[j : j + 1], y_t[j : j + 1])) for j in range(m)]
             return torch.stack([r[0][:top] for r in rows]), torch.stack([r[1][:top] for r in rows])
         th = self.theta0
-        s_all = self._s_test(th, self.f, (self._target_inputs(x_t), y_t), mean=False)
+        s_all = self._s_test(th, self.f, self._target_inputs(targets), mean=False)
         best_v = torch.full((m, top), -math.inf, dtype=torch.float64)
         best_i = torch.zeros((m, top), dtype=torch.long)
-        chunk = 16
-        for start in tqdm(range(0, n, chunk), desc="Ranking", disable=not self.progress):
-            ids = torch.arange(start, min(start + chunk, n))
+        for ids in tqdm(torch.arange(n).split(16), desc="Ranking", disable=not self.progress):
             eye = torch.eye(d).expand(ids.numel(), d, d).transpose(0, 1)  # [d, B, d]
-            jb = self._vjps(self.x[ids], eye).transpose(0, 1).reshape(ids.numel(), d, -1)
-            for t0 in range(0, m, target_chunk):
-                sl = slice(t0, t0 + target_chunk)
-                fb, yb = self.f[ids], self.y[ids]
-                u = torch.stack(
-                    [self._obj.input_grad_of_loss_jvp(v, fb, yb, th) for v in s_all[sl]]
-                )
-                l1 = torch.einsum("kbd,bdD->kbD", u.to(jb.dtype), jb).abs().sum(-1).double()
-                vals = torch.cat([best_v[sl], l1], 1)
-                idx = torch.cat([best_i[sl], ids.expand(l1.shape[0], -1)], 1)
-                v, pos = vals.topk(top, dim=1)
-                best_v[sl], best_i[sl] = v, idx.gather(1, pos)
+            jb = self._pixel_grads(eye, self.x[ids]).transpose(0, 1).reshape(ids.numel(), d, -1)
+            fb, yb = self.f[ids], self.y[ids]
+            l1 = []  # [m, B], in chunks of targets to bound the [k, B, *x] products
+            for s_chunk in s_all.split(target_chunk):
+                u = torch.stack([self._obj.input_grad_of_loss_jvp(v, fb, yb, th) for v in s_chunk])
+                l1.append(torch.einsum("kbd,bdD->kbD", u.to(jb.dtype), jb).abs().sum(-1).double())
+            best_v, pos = torch.cat([best_v, torch.cat(l1)], 1).topk(top, dim=1)  # a running top-k
+            best_i = torch.cat([best_i, ids.expand(m, -1)], 1).gather(1, pos)
         return best_i, best_v
 
     # ------------------------------------------------------------------ attacking
@@ -360,7 +330,7 @@ class TrainingSetAttack:
         box: PixelBox | None,
     ) -> list[AttackResult]:
         """The loop (PROTOCOL 4.6) for ``K`` attacks: attack ``t`` poisons ``P[t]`` against
-        ``targets[t]``."""
+        ``targets[t]``; each :class:`AttackResult` holds its attack's current state."""
         if P.numel() == 0 or P.shape[-1] == 0:
             raise InputError("indices is empty: choose at least one training point to poison")
         if int(P.min()) < 0 or int(P.max()) >= self.x.shape[0]:
@@ -370,79 +340,42 @@ class TrainingSetAttack:
         t_start = time.perf_counter()
         alpha = self.step if step is None else float(step)
         box = self.box if box is None else box
-        K, k = P.shape
-        shape = self.x.shape[1:]
-        tgt = [(self._target_inputs(x), y) for x, y in targets]
-        x0 = self.x[P.reshape(-1)].reshape(K, k, *shape).clone()
-        xp, fp0, theta = x0.clone(), self.f[P].clone(), self.theta0.expand(K, -1).clone()
-        fp = fp0.clone()
-        first = [self._state(theta[t], tgt[t]) for t in range(K)]
-        flipped, correct0 = [s[0] for s in first], [~s[0] for s in first]
-        done, history = [0] * K, [[] for _ in range(K)]
+        (K, k), shape = P.shape, self.x.shape[1:]
+        tgt = [self._target_inputs(t) for t in targets]
+        x0, fp = self.x[P.reshape(-1)].reshape(K, k, *shape).clone(), self.f[P].clone()
+        th0 = self.theta0.detach()
+        res = [AttackResult.start(P[t], x0[t], th0, self._state(th0, tgt[t])) for t in range(K)]
 
         def poisoned(t: int) -> torch.Tensor:  # the training inputs of attack t (a copy)
-            f = self.f.clone()
-            f[P[t]] = fp[t]
-            return f
-
-        def won(t: int) -> bool:  # every initially correct target of attack t is flipped
-            return bool(correct0[t].any()) and bool(flipped[t][correct0[t]].all())
+            return self.f.index_put((P[t],), fp[t])
 
         bar = tqdm(range(iterations), desc="Attack", disable=not self.progress, leave=False)
         for _ in bar:
-            live = [t for t in range(K) if not (early_stop and won(t))]
+            live = [t for t in range(K) if not (early_stop and res[t].success)]
             if not live:
                 break
             # 1-2. the influence query at each attack's retrained theta and poisoned data
             u = []
             for t in live:
-                st = self._s_test(theta[t], poisoned(t), tgt[t], mean=True)[0]
-                u.append(self._obj.input_grad_of_loss_jvp(st, fp[t], self.y[P[t]], theta[t]))
-            g = self._pixel_grads(torch.cat(u), xp[live].reshape(-1, *shape))
+                st = self._s_test(res[t].theta, poisoned(t), tgt[t])[0]
+                u.append(self._obj.input_grad_of_loss_jvp(st, fp[t], self.y[P[t]], res[t].theta))
+            xl = torch.stack([res[t].x_poisoned for t in live])
+            g = self._pixel_grads(torch.cat(u)[None], xl.reshape(-1, *shape))[0]
             # 3. signed steps along sign(I_pert,loss) = -sign(g), all attacks in one batch
-            xa = box.project(
-                xp[live] - alpha * torch.sign(g).reshape(len(live), k, *shape), x0[live]
-            )
-            xp[live] = xa
+            xa = box.project(xl - alpha * torch.sign(g).reshape(xl.shape), x0[live])
             # 4. the poisoned inputs' features
-            fp[live] = (
-                self._features(xa.reshape(-1, *shape)).reshape(len(live), k, -1)
-                if self.fast
-                else xa
-            )
+            xs = xa.reshape(-1, *shape)
+            fp[live] = self._features(xs).reshape(len(live), k, -1) if self.fast else xa
             # 5. exact refits, warm-started
-            for t in live:
-                theta[t] = self._refit(theta[t], poisoned(t))
-                flipped[t], loss, _ = self._state(theta[t], tgt[t])
-                done[t] += 1
-                history[t].append(
-                    {"target_loss": loss, "n_flipped": int((flipped[t] & correct0[t]).sum())}
-                )
+            for j, t in enumerate(live):
+                theta = self._refit(res[t].theta, poisoned(t)).detach().clone()
+                res[t].record(xa[j], theta, self._state(theta, tgt[t]))
         bar.close()
         share = (time.perf_counter() - t_start) / K
-        out = []
-        for t in range(K):
-            fl, loss1, p1 = self._state(theta[t], tgt[t])
-            out.append(
-                AttackResult(
-                    indices=P[t].clone(),
-                    x_poisoned=xp[t].detach(),
-                    x_original=x0[t],
-                    theta=theta[t].detach().clone(),
-                    theta_original=self.theta0.detach().clone(),
-                    iterations=done[t],
-                    flipped=fl,
-                    initially_correct=correct0[t],
-                    target_loss_before=first[t][1],
-                    target_loss_after=loss1,
-                    prob_true_before=first[t][2],
-                    prob_true_after=p1,
-                    feature_change=(fp[t] - fp0[t]).norm(dim=1) if self.fast else None,
-                    history=history[t],
-                    seconds=share,
-                )
-            )
-        return out
+        for t, r in enumerate(res):
+            r.feature_change = (fp[t] - self.f[P[t]]).norm(dim=1) if self.fast else None
+            r.seconds = share
+        return res
 
     def run_schedule(
         self,

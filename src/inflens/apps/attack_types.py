@@ -3,7 +3,7 @@
 The box is the constraint set of the attack's projected signed-gradient steps (PROTOCOL 4.6:
 within half an 8-bit level of each original pixel, so the poisoned image rounds back to the
 original 8-bit image); the config collects the attack's settings, validated on creation; the
-result records one attack's outcome with its summaries.
+result holds one attack's state as the loop steps it, then its outcome with its summaries.
 """
 
 from __future__ import annotations
@@ -18,10 +18,20 @@ from ..errors import InputError
 from ..objective import Objective
 from ..solvers import Solver
 
-__all__ = ["AttackConfig", "AttackResult", "Pair", "PixelBox", "Retrain", "eight_bit_level"]
+__all__ = [
+    "AttackConfig",
+    "AttackResult",
+    "Pair",
+    "PixelBox",
+    "Retrain",
+    "TargetState",
+    "eight_bit_level",
+]
 
 Retrain = Callable[[Objective, tuple[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor]
 Pair = tuple[torch.Tensor, torch.Tensor]
+#: an attack's targets at one theta: ``(flipped [m], mean target loss, p(true label) [m])``
+TargetState = tuple[torch.Tensor, float, torch.Tensor]
 
 
 def eight_bit_level(value_range: tuple[float, float] = (-1.0, 1.0)) -> float:
@@ -135,6 +145,36 @@ class AttackResult:
     feature_change: torch.Tensor | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+
+    @classmethod
+    def start(
+        cls, indices: torch.Tensor, x: torch.Tensor, theta: torch.Tensor, state: TargetState
+    ) -> AttackResult:
+        """An attack before its first step, at inputs ``x`` and ``theta`` with the targets'
+        ``state`` there ("after" = "before"); ``indices``, ``theta`` and the poisoned ``x`` are
+        copied."""
+        flipped, loss, p_true = state
+        return cls(
+            indices=indices.clone(),
+            x_poisoned=x.clone(),
+            x_original=x,
+            theta=theta.clone(),
+            theta_original=theta.clone(),
+            iterations=0,
+            flipped=flipped,
+            initially_correct=~flipped,
+            target_loss_before=loss,
+            target_loss_after=loss,
+            prob_true_before=p_true,
+            prob_true_after=p_true,
+        )
+
+    def record(self, x: torch.Tensor, theta: torch.Tensor, state: TargetState) -> None:
+        """One step: the poisoned inputs ``x``, the refitted ``theta`` and the targets'
+        ``state`` there, appended to :attr:`history`."""
+        self.x_poisoned, self.theta, self.iterations = x, theta, self.iterations + 1
+        self.flipped, self.target_loss_after, self.prob_true_after = state
+        self.history.append({"target_loss": self.target_loss_after, "n_flipped": self.n_flipped})
 
     @property
     def success(self) -> bool:

@@ -47,7 +47,8 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def _figures(out: Path, xte, yte, pred_label, test_idx, xtr, ytr, order, exact, loo, lissa_pred):
+def _plot_most_influential(out: Path, test_image, test_title: str, xtr, ytr, order, exact) -> None:
+    """The test digit, then the 3 most helpful and the 3 most harmful training digits."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,8 +57,8 @@ def _figures(out: Path, xte, yte, pred_label, test_idx, xtr, ytr, order, exact, 
     helpful = order[:3]  # most positive predicted change = most helpful
     harmful = order[::-1][:3]
     fig, axes = plt.subplots(1, 7, figsize=(12, 2.3))
-    axes[0].imshow(xte[test_idx].reshape(8, 8), cmap="gray_r")
-    axes[0].set_title(f"test #{test_idx}\nlabel {yte[test_idx]}, pred {pred_label}", fontsize=8)
+    axes[0].imshow(test_image.reshape(8, 8), cmap="gray_r")
+    axes[0].set_title(test_title, fontsize=8)
     for ax, i, kind in zip(
         axes[1:], list(helpful) + list(harmful), ["helpful"] * 3 + ["harmful"] * 3
     ):
@@ -69,6 +70,14 @@ def _figures(out: Path, xte, yte, pred_label, test_idx, xtr, ytr, order, exact, 
     fig.tight_layout()
     fig.savefig(out / "most_influential.png", dpi=110)
     plt.close(fig)
+
+
+def _plot_predicted_vs_actual(out: Path, loo, lissa_pred) -> None:
+    """Predicted (exact and LiSSA) against actual leave-one-out changes of the test loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
     lim = 1.1 * max(np.abs(loo.actual).max(), np.abs(loo.predicted).max(), 1e-12)
@@ -197,19 +206,9 @@ def _run_demo(out: Path, n_loo: int, seed: int, progress: bool, t0: float) -> di
         f"{len(idx)} refits {t_loo:.2f} s, total {time.perf_counter() - t0:.1f} s",
     ]
     print("\n".join(lines))
-    _figures(
-        out,
-        xte_np,
-        yte_np,
-        int(pred[test_idx]),
-        test_idx,
-        xtr_np,
-        ytr_np,
-        order,
-        pe,
-        loo,
-        lissa_on_loo,
-    )
+    title = f"test #{test_idx}\nlabel {yte_np[test_idx]}, pred {int(pred[test_idx])}"
+    _plot_most_influential(out, xte_np[test_idx], title, xtr_np, ytr_np, order, pe)
+    _plot_predicted_vs_actual(out, loo, lissa_on_loo)
     metrics = {
         "n_train": n,
         "p": obj.p,

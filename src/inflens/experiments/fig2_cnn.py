@@ -64,9 +64,17 @@ from ..datasets import load_mnist, mnist_paper_split, small_subset
 from ..errors import CurvatureError
 from ..fingerprint import json_fingerprint
 from ..models import PaperCNN
-from ..plots import new_figure, save_figure, scatter_predicted_actual
+from ..plots import ScatterStyle, new_figure, save_figure, scatter_predicted_actual
 from ..solvers import CG, Solver
-from ..train import AdamConfig, batch_sequence, fit_adam, piecewise_constant
+from ..train import (
+    AdamConfig,
+    AdamStart,
+    CheckpointConfig,
+    batch_sequence,
+    fit_adam,
+    fit_adam_resumable,
+    piecewise_constant,
+)
 from ..validate import LOOConfig, correlations, leave_one_out
 
 NAME = "fig2-cnn"
@@ -209,8 +217,7 @@ class PairedAdam:
             self.obj,
             self.train,
             self.config,
-            theta0=theta0,
-            state=self.state,
+            start=AdamStart(theta0, self.state),
             weights=keep.to(theta0.dtype),
             callback=snapshot,
         )
@@ -279,9 +286,11 @@ def figures(metrics: dict[str, Any], out: Path) -> list[str]:
             np.asarray(loo[key]),
             pred,
             ax=ax,
-            title=f"CNN ({name}, {steps} steps)\nactual vs {what}",
-            xlabel="Actual diff in test loss",
-            ylabel="Predicted diff in test loss",
+            style=ScatterStyle(
+                title=f"CNN ({name}, {steps} steps)\nactual vs {what}",
+                xlabel="Actual diff in test loss",
+                ylabel="Predicted diff in test loss",
+            ),
         )
     if len(by) > 1:
         h = sorted(by, key=int)
@@ -566,7 +575,8 @@ def run(
 # schedule, influence with the Hessian of that objective + 0.01 I, and retraining from
 # theta-tilde (with its Adam state) on the paired batch sequence. Every Adam run is split into
 # fixed chunks of ``chunk_steps`` steps, each written atomically to safetensors, so a killed run
-# resumes at the last chunk and ends with the same numbers as an uninterrupted one.
+# resumes at the last chunk and ends with the same numbers as an uninterrupted one
+# (:func:`inflens.train.fit_adam_resumable`).
 
 
 @dataclass(frozen=True)
@@ -624,31 +634,6 @@ class PaperConfig:
             raise InputError(f"k must be at least 2 (a correlation needs two points), got {self.k}")
 
 
-def _l2_curvature(obj: Objective, data: Any, l2: torch.Tensor, damping: float, kind: str):
-    """The curvature operator of ``mean loss + (1/2) sum_j l2_j theta_j^2`` plus damping.
-
-    :class:`inflens.Objective` carries one scalar l2; the paper leaves the biases unregularised,
-    so the objective is built with ``l2 = 0`` and the diagonal ``l2`` vector is added here to
-    every product (hence also to :meth:`~inflens.curvature.Curvature.dense`, which is built
-    from products for a convolutional network).
-    """
-    from ..curvature import Curvature
-
-    class L2Curvature(Curvature):
-        def matvec(self, vecs: torch.Tensor, desc: str | None = None) -> torch.Tensor:
-            out = super().matvec(vecs, desc)
-            return out + l2.to(out) * vecs.to(out)
-
-        def dense(self, block: int = 256, method: str = "auto") -> torch.Tensor:
-            # the closed-form and Jacobian (GGN) shortcuts add only the scalar shift; products
-            # go through matvec above, which adds the per-parameter l2
-            return super().dense(block, method="products")
-
-    if obj.l2 != 0.0:
-        raise ValueError("build the objective with l2=0; the per-parameter l2 is added here")
-    return L2Curvature(obj, data, damping=damping, progress=False, curvature=kind)
-
-
 def weight_l2(model: PaperCNN, obj: Objective, value: float = L2) -> torch.Tensor:
     """``[p]``: ``value`` on the entries of theta that are weights, 0 on the biases."""
     vec = torch.zeros(obj.p, dtype=obj.dtype)
@@ -673,28 +658,23 @@ def per_parameter_l2_predictions(
     ``pred_i = grad L(z_test)^T (H + diag(l2) + damping I)^-1 (grad L(z_i) + l2 * theta) / n``
     (``= -I_up,loss / n``; positive: removing ``z_i`` raises the test loss, so it was helpful),
     with ``H`` the Hessian (``curvature="ggn"``: the Gauss-Newton matrix) of the mean training
-    loss at ``obj.theta``. ``obj`` must have ``l2 = 0``; ``l2`` is the per-parameter weight.
-    ``solver`` is fitted here (e.g. :class:`inflens.solvers.Exact` or ``CG``). Raises
+    loss at ``obj.theta``. ``obj`` must have ``l2 = 0``; ``l2`` is the per-parameter weight,
+    made part of the objective (:meth:`inflens.Objective.with_l2`), so :class:`inflens.Influence`
+    adds it to the curvature and to the training gradients. ``solver`` is fitted here (e.g.
+    :class:`inflens.solvers.Exact` or ``CG``; K-FAC refuses a per-parameter l2). Raises
     :class:`inflens.errors.CurvatureError` when ``H + diag(l2) + damping I`` is not positive
     definite.
     """
-    from ..data import Data
+    from ..errors import InputError
 
-    x, y = train
-    n = int(y.shape[0])
-    curv = _l2_curvature(obj, Data((x, y)), l2, damping, curvature)
-    sol = solver.fit(curv)
-    g_test = obj.per_example_grads(*test)  # [1, p]
-    s_test = sol.solve(g_test)[0]
-    reg = l2.to(obj.theta) * obj.theta
-    pred = torch.cat(
-        [
-            obj.per_example_grads(x[s : s + 500], y[s : s + 500]) @ s_test + reg @ s_test
-            for s in range(0, n, 500)
-        ]
-    )
-    info = {"solver": sol.name, "curvature": curvature, **sol.diagnostics()}
-    return pred / n, info
+    if obj.l2_diag is not None or obj.l2 != 0.0:
+        raise InputError("build the objective with l2=0; the per-parameter l2 is the l2 argument")
+    inf = Influence(
+        obj.with_l2(l2), train, solver=solver, damping=damping, progress=False, curvature=curvature
+    ).fit()
+    pred = inf.predicted_loss_change(test)[0]
+    info = {"solver": inf.solver.name, "curvature": curvature, **inf.solver.diagnostics()}
+    return pred, info
 
 
 def _paper_solver(cfg: PaperConfig) -> Solver:
@@ -707,72 +687,6 @@ def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(
         json.dumps(d, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
     )
-
-
-def resumable_adam(
-    obj: Objective,
-    train: tuple[torch.Tensor, torch.Tensor],
-    config: AdamConfig,
-    path: Path,
-    chunk_steps: int,
-    *,
-    theta0: torch.Tensor,
-    state: dict[str, Any] | None = None,
-    weights: torch.Tensor | None = None,
-    l2: torch.Tensor | None = None,
-    measure: Any = None,
-    snapshots: tuple[int, ...] = (),
-    tag: str = "",
-) -> tuple[torch.Tensor, dict[str, Any], dict[str, float]]:
-    """``config.steps`` Adam steps (:func:`inflens.train.fit_adam`) in chunks of ``chunk_steps``,
-    each chunk's end written atomically to ``path`` (safetensors), resumed from there.
-
-    Chunk ``c`` draws its batches with seed ``config.seed + 1_000_003 * c`` (a fresh
-    permutation per chunk), so the result depends on ``chunk_steps`` but not on where a run was
-    interrupted. ``tag`` identifies the run (a checkpoint with another tag is ignored).
-    Returns theta, the Adam state, and ``measure(theta)`` after each of the ``snapshots`` steps.
-    """
-    from ..artifacts import _save_tensors
-
-    total = int(config.steps)
-    done, theta, st, snaps = 0, theta0, state, {}
-    if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("tag") == tag:
-                t = {k: f.get_tensor(k) for k in f.keys()}
-                done = int(meta["done"])
-                theta = t["theta"]
-                st = {"m": t["m"], "v": t["v"], "step": int(meta["step"]), "losses": []}
-                snaps = json.loads(meta.get("snapshots", "{}"))
-    while done < total:
-        c = done // chunk_steps
-        steps = min(chunk_steps, total - done)
-        start = done
-
-        def callback(j: int, th: torch.Tensor, start: int = start) -> None:
-            if measure is not None and start + j in snapshots:
-                snaps[str(start + j)] = float(measure(th))
-
-        fit = fit_adam(
-            obj,
-            train,
-            replace(config, steps=steps, seed=config.seed + 1_000_003 * c),
-            theta0=theta,
-            state=st,
-            weights=weights,
-            l2=l2,
-            callback=callback,
-        )
-        theta, st, done = fit.theta, fit.state, done + steps
-        meta = {"tag": tag, "done": str(done), "step": str(int(st["step"]))}
-        meta["snapshots"] = json.dumps(snaps)
-        _save_tensors(path, {"theta": theta, "m": st["m"], "v": st["v"]}, meta)
-    if st is None:  # zero steps
-        st = {"m": torch.zeros_like(theta), "v": torch.zeros_like(theta), "step": 0}
-    return theta, st, snaps
 
 
 def _paper_data(data_dir: Path | None, n_train: int | None):
@@ -872,16 +786,14 @@ def paper_run(
             import shutil
 
             shutil.copyfile(out / f"train_{shorter[-1]}.safetensors", ckpt)
-    theta, state, _ = resumable_adam(
+    trained = fit_adam_resumable(
         obj,
         (x, y),
         adam,
-        ckpt,
-        cfg.chunk_steps,
-        theta0=obj.theta,
+        CheckpointConfig(ckpt, cfg.chunk_steps, tag=_paper_tag(cfg, "train", seed=cfg.train_seed)),
         l2=l2,
-        tag=_paper_tag(cfg, "train", seed=cfg.train_seed),
     )
+    theta, state = trained.theta, trained.state
     secs["train"] = time.perf_counter() - t
     _log(progress, f"  [paper] trained {cfg.train_steps} steps ({secs['train']:.0f} s)")
 
@@ -940,21 +852,22 @@ def paper_run(
         keep = torch.ones(n)
         if i != "all":
             keep[i] = 0.0
-        _, _, snaps = resumable_adam(
+        retrained = fit_adam_resumable(
             obj,
             (x, y),
             radam,
-            out / "retrain_current.safetensors",
-            cfg.chunk_steps,
-            theta0=theta,
-            state=state,
+            CheckpointConfig(
+                out / "retrain_current.safetensors",
+                cfg.chunk_steps,
+                tag=f"{rtag}-{key}",
+                snapshots=horizons,
+            ),
+            start=AdamStart(theta, state),
             weights=keep,
             l2=l2,
             measure=measure,
-            snapshots=horizons,
-            tag=f"{rtag}-{key}",
         )
-        done[key] = snaps
+        done[key] = retrained.info.extra["snapshots"]
         tmp = done_path.with_name(done_path.name + ".tmp")
         tmp.write_text(json.dumps(done))
         tmp.replace(done_path)

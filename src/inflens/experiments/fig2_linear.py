@@ -36,7 +36,7 @@ import torch
 from .. import Influence, Objective
 from ..datasets import load_mnist, mnist_paper_split
 from ..models import LogisticRegression
-from ..plots import new_figure, save_figure, scatter_predicted_actual
+from ..plots import ScatterStyle, new_figure, save_figure, scatter_predicted_actual
 from ..solvers import CG, LiSSA
 from ..train import FitInfo, LBFGSConfig, fit_lbfgs, newton_minimize
 
@@ -284,11 +284,13 @@ def figures(metrics: dict[str, Any], out: Path) -> list[str]:
                 actual,
                 pred,
                 ax=ax,
-                title=title,
-                annotate=False,
-                limit=lim,
-                xlabel="Actual diff in test loss",
-                ylabel="Predicted diff in test loss",
+                style=ScatterStyle(
+                    title=title,
+                    annotate=False,
+                    limit=lim,
+                    xlabel="Actual diff in test loss",
+                    ylabel="Predicted diff in test loss",
+                ),
             )
             ax.text(
                 0.03,

@@ -31,7 +31,7 @@ from .. import Influence, Objective
 from ..datasets import load_mnist, mnist_paper_split, one_vs_seven
 from ..losses import signed_labels, smooth_hinge_value
 from ..models import LinearSVM
-from ..plots import new_figure, save_figure, scatter_predicted_actual
+from ..plots import ScatterStyle, new_figure, save_figure, scatter_predicted_actual
 from ..train import fit_linear_svm
 from ..validate import LOOConfig, correlations, leave_one_out
 
@@ -104,7 +104,8 @@ def _plot_scatter(out: Path, actual: np.ndarray, preds: dict[float, np.ndarray])
     fig, axes = new_figure(len(PLOTTED_T), 1, (3.4, 3.4))
     for ax, t in zip(axes, PLOTTED_T):
         # t = 0 overestimates by ~10-40x: separate axis scales, as in the paper's panel
-        scatter_predicted_actual(actual, preds[t], ax=ax, title=f"t = {t:g}", equal_axes=t > 0)
+        style = ScatterStyle(title=f"t = {t:g}", equal_axes=t > 0)
+        scatter_predicted_actual(actual, preds[t], ax=ax, style=style)
     return save_figure(fig, out / "fig3b_scatter.png", dpi=90)
 
 

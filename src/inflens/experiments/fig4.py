@@ -20,8 +20,9 @@ Stand-in for the paper's ImageNet dog-vs-fish with Inception v3 (not obtainable 
   paper's fish) in test order that both get right and that lies inside the SVM's margin, as
   the paper's test image did (margin 0.990).
 
-``run(..., image_folder=..., classes=(...), backbone=pretrained_backbone(inception), size=299)``
-runs the original setting on your own images with a pretrained network (Python API).
+``run(..., config=Fig4Config(image_folder=..., classes=(...), size=299,
+backbone=pretrained_backbone(inception)))`` runs the original setting on your own images
+with a pretrained network (Python API).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from torch import nn
 
 from .. import Influence
 from ..apps.compare import compare_models, rbf_svm
+from ..errors import InputError
 from . import _animals
 
 NAME = "fig4"
@@ -69,26 +72,11 @@ def _gamma(n_train: int, dim: int) -> tuple[float, float]:
     return 0.05 / PAPER_N_TRAIN * PAPER_DIM / dim, 0.05 / n_train
 
 
-@_animals.one_thread_when_quick
-def run(
-    data_dir: Path | None,
-    out: Path,
-    quick: bool = False,
-    progress: bool = True,
-    *,
-    image_folder: str | os.PathLike[str] | None = None,
-    classes: Sequence[str] | None = None,
-    backbone: nn.Module | None = None,
-    size: int | None = None,
-    gamma: float | None = None,
-) -> dict[str, Any]:
-    """Run Fig. 4; write ``fig4.png`` and ``metrics.json`` to ``out``; return the metrics.
+@dataclass(frozen=True)
+class Fig4Config:
+    """Settings of :func:`run` beyond the ones every experiment takes (validated on creation).
 
-    Args:
-        data_dir: folder holding ``cifar10_animals/`` (or the zip itself).
-        out: output folder.
-        quick: 100 train / 40 test images per class and a feature CNN trained for seconds.
-        progress: progress bars.
+    Attributes:
         image_folder: your own ``root/<class>/*.jpg`` images instead of CIFAR (e.g. ImageNet
             dog and fish); the first 900 / next 300 per class become train / test.
         classes: the two classes (default ``("dog", "frog")`` for CIFAR).
@@ -98,6 +86,50 @@ def run(
         size: resize your images to ``size x size`` when reading them.
         gamma: RBF width (default: the paper's rule rescaled to the image size, see above).
     """
+
+    image_folder: str | os.PathLike[str] | None = None
+    classes: Sequence[str] | None = None
+    backbone: nn.Module | None = None
+    size: int | None = None
+    gamma: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.size is not None and int(self.size) < 1:
+            raise InputError(f"size must be a positive number of pixels, got {self.size}")
+        if self.gamma is not None and not float(self.gamma) > 0:
+            raise InputError(f"gamma must be a positive RBF width, got {self.gamma}")
+        if self.classes is not None and len(self.classes) != 2:
+            raise InputError(f"classes must name exactly two classes, got {self.classes!r}")
+
+
+@_animals.one_thread_when_quick
+def run(
+    data_dir: Path | None,
+    out: Path,
+    quick: bool = False,
+    progress: bool = True,
+    config: Fig4Config | None = None,
+) -> dict[str, Any]:
+    """Run Fig. 4; write ``fig4.png`` and ``metrics.json`` to ``out``; return the metrics.
+
+    Args:
+        data_dir: folder holding ``cifar10_animals/`` (or the zip itself).
+        out: output folder.
+        quick: 100 train / 40 test images per class and a feature CNN trained for seconds.
+        progress: progress bars.
+        config: your own images, classes, feature network and RBF width (:class:`Fig4Config`;
+            default: CIFAR dog/frog, the SmallCNN, the rescaled paper rule).
+    """
+    cfg = Fig4Config() if config is None else config
+    if not isinstance(cfg, Fig4Config):
+        raise InputError(f"config must be a Fig4Config, got {type(cfg).__name__}")
+    image_folder, classes, backbone, size, gamma = (
+        cfg.image_folder,
+        cfg.classes,
+        cfg.backbone,
+        cfg.size,
+        cfg.gamma,
+    )
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

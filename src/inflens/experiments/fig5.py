@@ -367,7 +367,7 @@ class Fig5Config:
 
     Attributes:
         image_folder, classes, backbone, size: your own images / pretrained network (see
-            :func:`inflens.experiments.fig4.run`).
+            :class:`inflens.experiments.fig4.Fig4Config`).
         max_targets: attack at most this many correctly classified test images (a seeded
             random sample); ``None``: all of them in the full run (the paper's protocol), 2 in
             quick. ``-1``: all.

@@ -47,7 +47,7 @@ import torch
 
 from .. import Influence, Objective
 from ..errors import InputError
-from ..train import AdamConfig, fit_adam, loo_weights
+from ..train import AdamConfig, AdamStart, fit_adam, loo_weights
 from ..validate import correlations
 
 #: parameters left out of theta: LayerNorm gains and biases. EK-FAC has no Kronecker factors for
@@ -345,7 +345,8 @@ def run_gpt2_demo(config: GPT2DemoConfig, out: Path = Path("inflens-demo-gpt2"))
     obj = Objective(model, "causal_lm", l2=cfg.l2, params=names)
     adam = AdamConfig(cfg.train_steps, cfg.batch_size, cfg.lr, seed=cfg.seed,
                       log_every=max(cfg.train_steps // 5, 1), progress=cfg.progress)  # fmt: skip
-    fit = fit_adam(obj, (xtr, xtr), adam, load=True)
+    fit = fit_adam(obj, (xtr, xtr), adam)
+    obj.load_into_model(fit.theta)
     t_train = time.perf_counter() - t0
     obj = Objective(model, "causal_lm", l2=cfg.l2, params=names)
     theta_hat = obj.theta.clone()
@@ -405,7 +406,7 @@ def run_gpt2_demo(config: GPT2DemoConfig, out: Path = Path("inflens-demo-gpt2"))
     gen = torch.Generator().manual_seed(cfg.seed + 2)
 
     def finetuned_loss(weights: torch.Tensor | None) -> float:
-        th = fit_adam(obj, (xtr, xtr), ft, theta0=theta_hat, state=fit.state, weights=weights)
+        th = fit_adam(obj, (xtr, xtr), ft, start=AdamStart(theta_hat, fit.state), weights=weights)
         with torch.no_grad():
             return float(obj.losses(th.theta, *test)[0])
 

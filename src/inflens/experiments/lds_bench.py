@@ -751,7 +751,8 @@ def _reference_models(
 
 
 def _mlp_score(method: str, obj: Objective, train, test, models, folder: Path) -> torch.Tensor:
-    from ..attribution import build_attribution_index
+    from ..attribution import AttributionSettings, build_attribution_index
+    from ..index import IndexConfig
 
     if method == "grad-dot":
         return _grad_dot(obj, train, test)
@@ -772,10 +773,9 @@ def _mlp_score(method: str, obj: Objective, train, test, models, folder: Path) -
             obj,
             train,
             folder / f"index_{method}",
-            method=method,
+            AttributionSettings(method, rates),
             checkpoints=ckpts[1:] if method == "trak" else ckpts,
-            learning_rates=rates,
-            dim=PROJECTION_DIM,
+            config=IndexConfig(dim=PROJECTION_DIM),
         )
         return index.loss_influence(test)
     if method == "cg":

@@ -9,7 +9,7 @@ import torch
 
 from ..curvature import Curvature, krylov
 from ..errors import CurvatureError, InflensWarning, InputError
-from .base import Solver
+from .base import Solver, require_scalar_l2
 from .exact import _round_up
 
 RESIDUALS = ("mean", "none", "shift")
@@ -100,6 +100,8 @@ class Arnoldi(Solver):
 
     # ------------------------------------------------------------------ fit
     def fit(self, curvature: Curvature) -> Arnoldi:
+        if self.residual == "shift":  # 1 / (l2 + damping) outside the kept eigenspace
+            require_scalar_l2(curvature, "Arnoldi(residual='shift')")
         super().fit(curvature)
         p = curvature.p
         if self.rank is not None:
@@ -129,14 +131,15 @@ class Arnoldi(Solver):
         lam = res.values[keep]
         self.evals_ = lam
         self.evecs_ = res.vectors[keep].contiguous()  # [rank, p], orthonormal rows
-        self.shift_ = curvature.shift
+        # a per-parameter l2 has no scalar shift (only residual='shift' would need one)
+        self.shift_ = curvature.shift if curvature.scalar_shift else None
         self.complement_ = None
         if trace is not None and rank < p:
             # the mean of the eigenvalues left out; a noisy trace must not put it above them
             sigma = (trace - float(lam.sum())) / (p - rank)
             self.complement_ = min(sigma, float(lam.abs().min()))
         kept_res = rel_res[:rank]
-        shift = curvature.shift
+        shift = self.shift_
         self.info_ = {
             "rank": int(rank),
             "n_iters": res.steps,
@@ -152,7 +155,7 @@ class Arnoldi(Solver):
             "trace_probes": trace_probes,
             "captured_trace_fraction": (
                 float((lam - shift).sum()) / (trace - p * shift)
-                if trace is not None and trace - p * shift > 0
+                if shift is not None and trace is not None and trace - p * shift > 0
                 else None
             ),
         }

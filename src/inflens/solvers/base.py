@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..curvature import Curvature
-from ..errors import NotFittedError
+from ..errors import InputError, NotFittedError
 from ..layout import canonical
 
 
@@ -33,6 +33,21 @@ def _canonical_value(v: Any) -> Any:
     if isinstance(v, dict) and v and all(isinstance(e, torch.Tensor) for e in v.values()):
         return {k: canonical(e) for k, e in v.items()}
     return v
+
+
+#: the solvers whose math holds for a per-parameter l2 (``A = H + diag(l2) + damping I``)
+PER_PARAMETER_L2_SOLVERS = "Exact, CG, LiSSA and Arnoldi (residual='mean' or 'none')"
+
+
+def require_scalar_l2(curvature: Curvature, what: str) -> None:
+    """Refuse (InputError, at ``fit``) an objective with a per-parameter l2 for a solver whose
+    math needs ``A = (loss curvature) + scalar * I``."""
+    if not curvature.scalar_shift:
+        raise InputError(
+            f"{what} needs one scalar l2 (its inverse treats l2 + damping as a multiple of "
+            "the identity), but this objective has a per-parameter l2; use "
+            f"{PER_PARAMETER_L2_SOLVERS}, or a scalar l2"
+        )
 
 
 class Solver(ABC):

@@ -38,7 +38,7 @@ from ..data import to_device
 from ..errors import InflensWarning, InputError, MemoryBudgetError, NotFittedError
 from ..losses import output_hessian_factor, output_hessians, sampled_token_factor
 from ..objective import Objective
-from .base import Solver
+from .base import Solver, require_scalar_l2
 
 
 def _conv_padding(m: nn.Conv2d) -> tuple[int, int] | None:
@@ -240,6 +240,7 @@ class KFAC(Solver):
 
     # ------------------------------------------------------------------ fitting
     def fit(self, curvature: Curvature) -> KFAC:
+        require_scalar_l2(curvature, type(self).__name__)  # also as CG's preconditioner
         # the random signs of fisher="sampled" (one stream per fit; not kept after it)
         self._generator_ = torch.Generator().manual_seed(self.seed)
         try:

@@ -30,7 +30,8 @@ GROWTH = 1.5
 
 
 class _BatchOperator:
-    """``A_j h = (1/B) sum_{i in batch} C_i h + (l2 + damping) h`` on training indices.
+    """``A_j h = (1/B) sum_{i in batch} C_i h + (l2 + damping) h`` on training indices
+    (``l2`` elementwise for a per-parameter l2).
 
     When the derivatives backend has per-example curvature factors (a Linear layer on frozen
     features: its inputs and output Hessians, the quantities
@@ -90,7 +91,7 @@ class _BatchOperator:
                 idx = idx.to(self.leaves[0].device)
                 part = tree_unflatten([t[idx] for t in self.leaves], self.spec)
                 prod = curv.objective.backend.product_from_factors(h, part)
-                return prod / idx.numel() + curv.shift * h
+                return curv.add_shift(prod / idx.numel(), h)
             x, y = curv.data.get(idx)
             return curv.batch_matvec(h, to_device(x, curv.device), y.to(curv.device))
         x, y = batch
