@@ -291,6 +291,34 @@ def test_reproduce_all_wraps_runs_records_provenance_and_resumes(tmp_path: Path)
         ra.ReproduceAllConfig(tmp_path, mode="fast")
 
 
+def test_reproduce_all_passes_fig5_max_targets_and_records_it(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from inflens.experiments import reproduce_all as ra
+    from inflens.experiments.fig5 import Fig5Config
+
+    seen: list[object] = []
+
+    def run(data_dir, out, quick, progress, config=None):
+        seen.append(config)
+        return {"experiment": "fig5"}
+
+    exps = {"fig5": SimpleNamespace(run=run)}
+    cfg = ra.ReproduceAllConfig(tmp_path / "out", mode="full", fig5_max_targets=7)
+    assert ra.run_all(exps, cfg, log=lambda _: None)["fig5"]["status"] == "ran"
+    assert seen == [Fig5Config(max_targets=7)]
+    prov = json.loads((tmp_path / "out" / "fig5" / "metrics.json").read_text())["provenance"]
+    assert prov["options"] == {"max_targets": 7}
+    assert prov["equivalent_command"].endswith("--max-targets 7")
+    if prov["git"]["commit"] is not None:  # same options: skipped; other options: run again
+        assert ra.run_all(exps, cfg, log=lambda _: None)["fig5"]["status"] == "skipped"
+        other = ra.ReproduceAllConfig(tmp_path / "out", mode="full", fig5_max_targets=9)
+        assert ra.run_all(exps, other, log=lambda _: None)["fig5"]["status"] == "ran"
+        assert seen[-1] == Fig5Config(max_targets=9)
+    with pytest.raises(ra.InputError, match="fig5_max_targets"):
+        ra.ReproduceAllConfig(tmp_path, fig5_max_targets=0)
+
+
 # ------------------------------------------------------------------ prose outside the table
 
 # markers stand on lines of their own

@@ -10,6 +10,7 @@ import pkgutil
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 
 def _experiments() -> dict[str, ModuleType]:
@@ -82,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument(
         "--protocol", default=None, help="fig2-cnn: reduced (default), reduced-240 or full"
     )
+    rep.add_argument(
+        "--max-targets",
+        type=int,
+        default=None,
+        help="fig5: attack at most this many correctly classified test images (a seeded random "
+        "sample; default all, the paper's protocol)",
+    )
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
     rep.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
@@ -139,7 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or default_data_dir()
     out = args.out or Path("runs") / args.name
     out.mkdir(parents=True, exist_ok=True)
-    extra = {} if args.protocol is None else {"protocol": args.protocol}
+    extra: dict[str, Any] = {} if args.protocol is None else {"protocol": args.protocol}
+    if args.max_targets is not None:
+        if args.name != "fig5":
+            print("inflens: --max-targets applies to fig5 only", file=sys.stderr)
+            return 2
+        from .experiments.fig5 import Fig5Config
+
+        extra["config"] = Fig5Config(max_targets=args.max_targets)
     metrics = exps[args.name].run(
         data_dir=data_dir, out=out, quick=args.quick, progress=not args.quiet, **extra
     )
@@ -164,6 +179,7 @@ def _reproduce_all(args: argparse.Namespace, exps: dict[str, ModuleType]) -> int
             force=args.force,
             data_dir=args.data_dir or default_data_dir(),
             progress=not args.quiet,
+            fig5_max_targets=args.max_targets,
         )
         results = ra.run_all(exps, config)
     except InputError as exc:

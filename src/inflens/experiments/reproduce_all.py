@@ -48,6 +48,9 @@ class ReproduceAllConfig:
         data_dir: folder with the data sets (``None``: each loader's default search).
         progress: progress messages from the experiments.
         command: the command line recorded in the provenance.
+        fig5_max_targets: fig5 attacks at most this many correctly classified test images (a
+            seeded random sample, :class:`~inflens.experiments.fig5.Fig5Config`); ``None``: all
+            of them (the paper's protocol). Recorded in the provenance as ``options``.
     """
 
     out: Path
@@ -57,8 +60,11 @@ class ReproduceAllConfig:
     data_dir: Path | None = None
     progress: bool = True
     command: str = field(default_factory=lambda: " ".join(map(shlex.quote, sys.argv)))
+    fig5_max_targets: int | None = None
 
     def __post_init__(self) -> None:
+        if self.fig5_max_targets is not None and int(self.fig5_max_targets) < 1:
+            raise InputError(f"fig5_max_targets must be >= 1 or None, got {self.fig5_max_targets}")
         if self.mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.only is not None and not self.only:
@@ -138,15 +144,26 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def _done(path: Path, commit: str | None, mode: str) -> bool:
-    """Whether ``path`` holds a finished run of this commit and mode."""
+def _done(path: Path, commit: str | None, mode: str, options: dict[str, Any]) -> bool:
+    """Whether ``path`` holds a finished run of this commit, mode and options."""
     if commit is None or not path.is_file():
         return False
     try:
         prov = json.loads(path.read_text()).get("provenance", {})
     except (OSError, ValueError, AttributeError):
         return False
-    return prov.get("git", {}).get("commit") == commit and prov.get("mode") == mode
+    return (
+        prov.get("git", {}).get("commit") == commit
+        and prov.get("mode") == mode
+        and prov.get("options", {}) == options
+    )
+
+
+def _options(name: str, config: ReproduceAllConfig) -> dict[str, Any]:
+    """The settings of experiment ``name`` that differ from its defaults (JSON-ready)."""
+    if name == "fig5" and config.fig5_max_targets is not None:
+        return {"max_targets": int(config.fig5_max_targets)}
+    return {}
 
 
 def run_all(
@@ -171,7 +188,8 @@ def run_all(
     for name in names:
         out = config.out / name
         path = out / "metrics.json"
-        if not config.force and _done(path, git["commit"], config.mode):
+        options = _options(name, config)
+        if not config.force and _done(path, git["commit"], config.mode, options):
             log(f"[reproduce all] {name}: metrics.json is from {git['commit']}, skipped")
             results[name] = {"status": "skipped", "seconds": 0.0, "path": str(path)}
             continue
@@ -181,8 +199,13 @@ def run_all(
         start_machine = machine()
         t0 = time.perf_counter()
         try:
+            extra = {}
+            if options:  # only fig5 has options (see _options)
+                from .fig5 import Fig5Config
+
+                extra["config"] = Fig5Config(**options)
             metrics = experiments[name].run(
-                data_dir=config.data_dir, out=out, quick=quick, progress=config.progress
+                data_dir=config.data_dir, out=out, quick=quick, progress=config.progress, **extra
             )
         except Exception:  # noqa: BLE001 - one experiment's failure must not stop the rest
             seconds = time.perf_counter() - t0
@@ -196,9 +219,12 @@ def run_all(
             single += ["--data-dir", str(config.data_dir)]
         if quick:
             single.append("--quick")
+        for key, value in options.items():
+            single += ["--" + key.replace("_", "-"), str(value)]
         provenance = {
             "experiment": name,
             "mode": config.mode,
+            "options": options,
             "git": git,
             "command": config.command,
             "equivalent_command": shlex.join(single),
