@@ -90,6 +90,34 @@ class AnimalTask:
         return Objective(top, "binary_logistic", l2=L2)
 
 
+@dataclass(frozen=True)
+class ImageSource:
+    """Your own images and feature network instead of CIFAR and the SmallCNN (fig4, fig5).
+
+    Attributes:
+        image_folder: ``root/<class>/*.jpg`` images (e.g. ImageNet dog and fish); the first
+            900 / next 300 per class become train / test.
+        classes: the two classes (default ``("dog", "frog")`` for CIFAR).
+        backbone: a frozen feature extractor taking [-1, 1] images, e.g.
+            ``inflens.features.pretrained_backbone(inception_v3(weights=...), size=299)``;
+            default: the SmallCNN trained on the other images.
+        size: resize your images to ``size x size`` when reading them.
+    """
+
+    image_folder: str | os.PathLike[str] | None = None
+    classes: Sequence[str] | None = None
+    backbone: nn.Module | None = None
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        from ..errors import InputError
+
+        if self.size is not None and int(self.size) < 1:
+            raise InputError(f"size must be a positive number of pixels, got {self.size}")
+        if self.classes is not None and len(self.classes) != 2:
+            raise InputError(f"classes must name exactly two classes, got {self.classes!r}")
+
+
 def _shuffle(n_train: int, n_test: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     # as inflens.datasets.cifar.paper_subset / the paper's load_animals.py
     rng = np.random.RandomState(seed)

@@ -29,16 +29,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from .. import Influence
 from ..apps.compare import compare_models, rbf_svm
@@ -73,33 +70,20 @@ def _gamma(n_train: int, dim: int) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
-class Fig4Config:
-    """Settings of :func:`run` beyond the ones every experiment takes (validated on creation).
+class Fig4Config(_animals.ImageSource):
+    """Settings of :func:`run` beyond the ones every experiment takes (validated on creation):
+    the images and feature network (:class:`~inflens.experiments._animals.ImageSource`) and
 
     Attributes:
-        image_folder: your own ``root/<class>/*.jpg`` images instead of CIFAR (e.g. ImageNet
-            dog and fish); the first 900 / next 300 per class become train / test.
-        classes: the two classes (default ``("dog", "frog")`` for CIFAR).
-        backbone: a frozen feature extractor taking [-1, 1] images, e.g.
-            ``inflens.features.pretrained_backbone(inception_v3(weights=...), size=299)``;
-            default: the SmallCNN trained on the other images.
-        size: resize your images to ``size x size`` when reading them.
         gamma: RBF width (default: the paper's rule rescaled to the image size, see above).
     """
 
-    image_folder: str | os.PathLike[str] | None = None
-    classes: Sequence[str] | None = None
-    backbone: nn.Module | None = None
-    size: int | None = None
     gamma: float | None = None
 
     def __post_init__(self) -> None:
-        if self.size is not None and int(self.size) < 1:
-            raise InputError(f"size must be a positive number of pixels, got {self.size}")
+        super().__post_init__()
         if self.gamma is not None and not float(self.gamma) > 0:
             raise InputError(f"gamma must be a positive RBF width, got {self.gamma}")
-        if self.classes is not None and len(self.classes) != 2:
-            raise InputError(f"classes must name exactly two classes, got {self.classes!r}")
 
 
 @_animals.one_thread_when_quick

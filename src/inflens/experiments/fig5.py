@@ -32,16 +32,13 @@ from its stage files and cached ranking in ``out``).
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from .. import Objective
 from ..apps.attack import (
@@ -362,12 +359,11 @@ def _figure(out: Path, task, multi: dict[str, Any], res, tallies: dict[str, dict
 
 
 @dataclass(frozen=True)
-class Fig5Config:
-    """Settings of :func:`run` beyond the ones every experiment takes (validated on creation).
+class Fig5Config(_animals.ImageSource):
+    """Settings of :func:`run` beyond the ones every experiment takes (validated on creation):
+    the images and feature network (:class:`~inflens.experiments._animals.ImageSource`) and
 
     Attributes:
-        image_folder, classes, backbone, size: your own images / pretrained network (see
-            :class:`inflens.experiments.fig4.Fig4Config`).
         max_targets: attack at most this many correctly classified test images (a seeded
             random sample); ``None``: all of them in the full run (the paper's protocol), 2 in
             quick. ``-1``: all.
@@ -379,10 +375,6 @@ class Fig5Config:
         seed: order in which targets are attacked.
     """
 
-    image_folder: str | os.PathLike[str] | None = None
-    classes: Sequence[str] | None = None
-    backbone: nn.Module | None = None
-    size: int | None = None
     max_targets: int | None = None
     wide_box_levels: float | None = 8.0
     wide_box_targets: int | None = None
@@ -390,6 +382,7 @@ class Fig5Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("max_targets", "wide_box_targets"):
             v = getattr(self, name)
             if v is not None and int(v) < -1:
@@ -398,8 +391,6 @@ class Fig5Config:
             raise InputError(
                 f"wide_box_levels must be positive or None, got {self.wide_box_levels}"
             )
-        if self.size is not None and int(self.size) < 1:
-            raise InputError(f"size must be a positive number of pixels, got {self.size}")
 
 
 @_animals.one_thread_when_quick

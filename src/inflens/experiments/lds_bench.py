@@ -100,6 +100,16 @@ BENCHMARKS = {
 MLP_METHODS = ("cg", "lissa", "arnoldi", "kfac", "ekfac", "trak", "tracin", "grad-dot")
 
 
+def _ground_truth_info(gt: Any, lds_cfg: Any) -> dict[str, Any]:
+    """What a benchmark's summary records of its retrained ground truth."""
+    return {
+        "retrained": gt.retrained,
+        "reused": gt.reused,
+        "seconds": gt.seconds,
+        "workers": lds_cfg.workers,
+    }
+
+
 def methods_of(name: str) -> tuple[str, ...]:
     """The methods a benchmark scores by default (and accepts)."""
     return MLP_METHODS if name == "lds-mnist-mlp" else METHODS
@@ -531,13 +541,7 @@ def run_benchmark(
         **header,
         "config": asdict(config),
         "fit_seconds": fit_seconds,
-        "ground_truth": {
-            "retrained": gt.retrained,
-            "reused": gt.reused,
-            "seconds": gt.seconds,
-            "workers": lds_cfg.workers,
-            "tolerance_check": checks,
-        },
+        "ground_truth": {**_ground_truth_info(gt, lds_cfg), "tolerance_check": checks},
         "methods": rows,
         "per_test": {k: v.to_dict()["per_test"] for k, v in results.items()},
         "total_seconds": time.perf_counter() - t_start,
@@ -912,12 +916,7 @@ def run_mlp_benchmark(
         "train_config": asdict(tcfg),
         "config": asdict(config),
         "fit_seconds": fit_seconds,
-        "ground_truth": {
-            "retrained": gt.retrained,
-            "reused": gt.reused,
-            "seconds": gt.seconds,
-            "workers": lds_cfg.workers,
-        },
+        "ground_truth": _ground_truth_info(gt, lds_cfg),
         "methods": rows,
         "per_test": per_test,
         "total_seconds": time.perf_counter() - t_start,
