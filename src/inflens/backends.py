@@ -33,12 +33,14 @@ from typing import Any, Protocol
 import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
-from .data import Batch, index_batch, unsqueeze_batch
+from .data import Batch, batch_len, index_batch, unsqueeze_batch
 from .errors import InputError, VmapError
 from .linear_head import find_linear_head
 from .losses import output_hessians
 
 BACKENDS = ("auto", "linear_head", "vmap", "jacobian")
+#: examples per forward pass when the linear head's layer inputs are computed for many thetas
+CPU_CHUNK_MANY = 512
 
 _VMAP_HINT = (
     "Per-example gradients run the model on one example at a time under torch.func.vmap. "
@@ -245,6 +247,106 @@ class DerivativesBackend:
         with math_attention():
             return _vmapped(grad(dir_deriv), x, y, in_dims=(0, 0))
 
+    # ------------------------------------------------------------------ many thetas
+    # Problems that each have their own theta (EditedProblems): "at" methods take one theta
+    # per example (``thetas [R, p]`` with ``x [R, ...]``), "sums" methods sum a shared batch
+    # at each of ``K`` thetas. Defaults vmap over the thetas; subclasses may do better. Their
+    # ``x`` is what :meth:`many_inputs` made of the data (except for ``input_grads_at``).
+    def many_inputs(self, x: Batch) -> Batch:
+        """The form of the data that the many-theta methods read (computed once per data)."""
+        return x
+
+    def outputs_at(self, thetas: torch.Tensor, x: Batch) -> torch.Tensor:
+        """``[R, ...]``: the prediction tensor of example ``r`` at ``thetas[r]``."""
+
+        def one(th: torch.Tensor, xi: Batch) -> torch.Tensor:
+            return self.obj.predictions(th, unsqueeze_batch(xi))[0]
+
+        with math_attention():
+            return _vmapped(one, thetas, x, in_dims=(0, 0))
+
+    def values_at(
+        self, thetas: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        """``[R]``: ``l(z_r; theta_r)`` (or the measurement)."""
+        with math_attention():
+            return _vmapped(self._single(which), thetas, x, y, in_dims=(0, 0, 0))
+
+    def grads_at(
+        self, thetas: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        """``[R, p]``: ``grad_theta l(z_r; theta_r)`` (or of the measurement)."""
+        with math_attention():
+            return _vmapped(grad(self._single(which)), thetas, x, y, in_dims=(0, 0, 0))
+
+    def hvps_at(
+        self, vecs: torch.Tensor, thetas: torch.Tensor, x: Batch, y: torch.Tensor
+    ) -> torch.Tensor:
+        """``[R, p]``: ``Hess_theta l(z_r; theta_r) v_r``."""
+        g = grad(self._single("loss"))
+
+        def one(v: torch.Tensor, th: torch.Tensor, xi: Batch, yi: torch.Tensor) -> torch.Tensor:
+            return jvp(lambda t: g(t, xi, yi), (th,), (v,))[1]
+
+        with math_attention():
+            return _vmapped(one, vecs, thetas, x, y, in_dims=(0, 0, 0, 0))
+
+    def input_grads_at(
+        self, vecs: torch.Tensor, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """``[R, *x.shape[1:]]``: ``grad_x (v_r . grad_theta l(x_r, y_r; theta_r))`` (eq. 5 at
+        each example's own theta)."""
+        one = self._single("loss")
+
+        def dir_deriv(v: torch.Tensor, th: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor):
+            return jvp(lambda t: one(t, xi, yi), (th,), (v,))[1]
+
+        with math_attention():
+            return _vmapped(grad(dir_deriv, argnums=2), vecs, thetas, x, y, in_dims=(0,) * 4)
+
+    def value_sums(
+        self, thetas: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        """``[K]``: ``sum_i l(z_i; theta_t)`` over the batch for each row of ``thetas``."""
+        fn = self._per_example_fn(which)
+        with math_attention():
+            return _vmapped(lambda th: fn(th, x, y).sum(), thetas)
+
+    def grad_sums(
+        self, thetas: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        """``[K, p]``: ``sum_i grad_theta l(z_i; theta_t)`` for each row of ``thetas``."""
+        fn = self._per_example_fn(which)
+        with math_attention():
+            return _vmapped(grad(lambda th: fn(th, x, y).sum()), thetas)
+
+    def hvp_sums(
+        self, vecs: torch.Tensor, thetas: torch.Tensor, x: Batch, y: torch.Tensor
+    ) -> torch.Tensor:
+        """``[K, p]``: ``sum_i Hess_theta l(z_i; theta_t) v_t`` for each row ``t``."""
+        g = grad(lambda th: self.obj.losses(th, x, y).sum())
+
+        def one(v: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
+            return jvp(g, (th,), (v,))[1]
+
+        with math_attention():
+            return _vmapped(one, vecs, thetas)
+
+    def sums_bytes(self, k: int, b: int, p: int, itemsize: int, activations: int) -> float:
+        """Estimated peak memory of a ``*_sums`` call for ``k`` thetas on ``b`` examples."""
+        return k * b * 3 * activations + 3 * k * p * itemsize
+
+    def hvp_sums_factors(self, thetas: torch.Tensor, x: Batch, y: torch.Tensor) -> Any | None:
+        """Per-theta quantities of a batch that make repeated :meth:`hvp_sums` at fixed
+        thetas cheap (:meth:`hvp_sums_from`; indexable by theta), or None (none exist)."""
+        return None
+
+    def hvp_sums_from(
+        self, vecs: torch.Tensor, factors: Any, rows: torch.Tensor, x: Batch
+    ) -> torch.Tensor:
+        """:meth:`hvp_sums` for the thetas ``rows`` from :meth:`hvp_sums_factors`."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ closed-form hooks
     def curvature_factors(self, theta: torch.Tensor, x: Batch, y: torch.Tensor) -> Any | None:
         """Per-chunk quantities that make repeated curvature products cheap at a fixed theta
@@ -357,6 +459,70 @@ class JacobianBackend(DerivativesBackend):
         with math_attention():
             return grad(total)(x)
 
+    # vmap cannot run these models: one theta (one example) at a time
+    def outputs_at(self, thetas: torch.Tensor, x: Batch) -> torch.Tensor:
+        return torch.stack(
+            [
+                self.obj.predictions(t, index_batch(x, slice(r, r + 1)))[0]
+                for r, t in enumerate(thetas)
+            ]
+        )
+
+    def values_at(
+        self, thetas: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        fn = self._per_example_fn(which)
+        return torch.stack([fn(t, *self._row(x, y, r))[0] for r, t in enumerate(thetas)])
+
+    def grads_at(
+        self, thetas: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        rows = [self.per_example_grads(t, *self._row(x, y, r), which) for r, t in enumerate(thetas)]
+        return torch.cat(rows)
+
+    def hvps_at(
+        self, vecs: torch.Tensor, thetas: torch.Tensor, x: Batch, y: torch.Tensor
+    ) -> torch.Tensor:
+        rows = [
+            self.hvp_sum(v[None], t, *self._row(x, y, r))
+            for r, (v, t) in enumerate(zip(vecs, thetas))
+        ]
+        return torch.cat(rows)
+
+    def input_grads_at(
+        self, vecs: torch.Tensor, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        rows = [
+            self.input_grad_of_loss_jvp(v, t, x[r : r + 1], y[r : r + 1])
+            for r, (v, t) in enumerate(zip(vecs, thetas))
+        ]
+        return torch.cat(rows)
+
+    def value_sums(
+        self, thetas: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        fn = self._per_example_fn(which)
+        return torch.stack([fn(t, x, y).sum() for t in thetas])
+
+    def grad_sums(
+        self, thetas: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        fn = self._per_example_fn(which)
+        with math_attention():
+            return torch.stack([grad(lambda th: fn(th, x, y).sum())(t) for t in thetas])
+
+    def hvp_sums(
+        self, vecs: torch.Tensor, thetas: torch.Tensor, x: Batch, y: torch.Tensor
+    ) -> torch.Tensor:
+        return torch.cat([self.hvp_sum(v[None], t, x, y) for v, t in zip(vecs, thetas)])
+
+    def sums_bytes(self, k: int, b: int, p: int, itemsize: int, activations: int) -> float:
+        return b * 3 * activations + 3 * k * p * itemsize
+
+    @staticmethod
+    def _row(x: Batch, y: torch.Tensor, r: int) -> tuple[Batch, torch.Tensor]:
+        return index_batch(x, slice(r, r + 1)), y[r : r + 1]
+
     def _output_jacobians(self, theta: torch.Tensor, x: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         with math_attention():
             out = self.obj.predictions(theta, x).detach()
@@ -444,6 +610,86 @@ class LinearHeadBackend(VmapBackend):
             blocks = torch.zeros(c, dd, c, dd, dtype=theta.dtype, device=theta.device)
         return head.to_theta_order(blocks)
 
+    # many thetas: closed forms when the model's output is the layer's output reshaped
+    # (``head.output_shape``, checked at selection; ``x`` is then the layer's inputs from
+    # :meth:`many_inputs`), vmap over thetas otherwise. Not for use under torch.func
+    # transforms (the closed forms run autograd).
+    def outputs_at(self, thetas: torch.Tensor, x: Batch) -> torch.Tensor:
+        if self.head.output_shape is None:
+            return super().outputs_at(thetas, x)
+        return self.head.outputs_at(thetas, x)
+
+    def values_at(
+        self, thetas: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        if self.head.output_shape is None:
+            return super().values_at(thetas, x, y, which)
+        return self.head.paired(thetas, x, y, which, order=0)[0]
+
+    def grads_at(
+        self, thetas: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        if self.head.output_shape is None:
+            return super().grads_at(thetas, x, y, which)
+        return self.head.paired(thetas, x, y, which, order=1)[1]
+
+    def hvps_at(
+        self, vecs: torch.Tensor, thetas: torch.Tensor, x: Batch, y: torch.Tensor
+    ) -> torch.Tensor:
+        if self.head.output_shape is None:
+            return super().hvps_at(vecs, thetas, x, y)
+        return self.head.paired(thetas, x, y, "loss", order=2, vecs=vecs)[1]
+
+    def value_sums(
+        self, thetas: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        if self.head.output_shape is None:
+            return super().value_sums(thetas, x, y, which)
+        return self.head.summed(thetas, x, y, which, order=0)[0]
+
+    def grad_sums(
+        self, thetas: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        if self.head.output_shape is None:
+            return super().grad_sums(thetas, x, y, which)
+        return self.head.summed(thetas, x, y, which, order=1)[1]
+
+    def hvp_sums(
+        self, vecs: torch.Tensor, thetas: torch.Tensor, x: Batch, y: torch.Tensor
+    ) -> torch.Tensor:
+        if self.head.output_shape is None:
+            return super().hvp_sums(vecs, thetas, x, y)
+        phi = x
+        return self.head.product_many(vecs, self.head.output_curvature_many(thetas, phi, y), phi)
+
+    def hvp_sums_factors(self, thetas: torch.Tensor, x: Batch, y: torch.Tensor) -> Any | None:
+        if self.head.output_shape is None:
+            return None
+        return self.head.output_curvature_many(thetas, x, y)
+
+    def hvp_sums_from(
+        self, vecs: torch.Tensor, factors: Any, rows: torch.Tensor, x: Batch
+    ) -> torch.Tensor:
+        return self.head.product_many(vecs, factors[rows], x)
+
+    def sums_bytes(self, k: int, b: int, p: int, itemsize: int, activations: int) -> float:
+        if self.head.output_shape is None:
+            return super().sums_bytes(k, b, p, itemsize, activations)
+        c = self.head.out_features
+        return (k * b * (c * c + 6 * c) + b * self.head.in_features + 3 * k * p) * itemsize
+
+    def many_inputs(self, x: Batch) -> Batch:
+        if self.head.output_shape is None:
+            return x
+        # the layer's inputs do not depend on theta: computed once, in chunks of the data
+        size = CPU_CHUNK_MANY
+        return torch.cat(
+            [
+                self.head.layer_inputs(index_batch(x, slice(s, s + size)))
+                for s in range(0, batch_len(x), size)
+            ]
+        )
+
     def scoring_chunk_size(self, k: int, default: int, n: int) -> int:
         """The largest chunk whose ``[chunk, d + (2k + 1) C]`` working set fits 256 MiB."""
         head = self.head
@@ -473,6 +719,7 @@ def select_backend(
     if requested in ("auto", "linear_head"):
         head, why = _probe_linear_head(objective, xs, ys)
         if head is not None:
+            head.direct_output_check(theta, xs)  # sets head.output_shape where it applies
             return LinearHeadBackend(
                 objective, head, "theta is one Linear layer on frozen features"
             )

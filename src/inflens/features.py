@@ -451,6 +451,22 @@ def extract_features(
     return torch.cat(out, 0)
 
 
+def pull_back(
+    extractor: nn.Module, x: torch.Tensor, u: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """``[m, B, *x]``: ``J(x_b)^T u[t, b]``, feature-space vectors ``u [m, B, d]`` pulled back
+    to the inputs through the extractor's Jacobian at each ``x_b`` (one forward per batch of
+    inputs, one backward pass per ``t``); the extractor's mode is left as it is."""
+    parts = []
+    for xc, uc in zip(x.split(batch_size), u.split(batch_size, dim=1)):
+        xb = xc.detach().requires_grad_(True)
+        with torch.enable_grad():
+            fb = extractor(xb)
+            grads = [torch.autograd.grad(fb, xb, v.to(fb.dtype), retain_graph=True)[0] for v in uc]
+        parts.append(torch.stack(grads))
+    return torch.cat(parts, 1)
+
+
 # ----------------------------------------------------------------------------------- RBF kernel
 def rbf_kernel_features(
     x_train: torch.Tensor,

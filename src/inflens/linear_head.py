@@ -51,6 +51,9 @@ class LinearHead:
             start += numel
         self.out_features = module.out_features
         self.in_features = module.in_features
+        #: the model output's per-example shape when it is the layer's output reshaped
+        #: (:meth:`direct_output_check`); the many-theta closed forms need it
+        self.output_shape: tuple[int, ...] | None = None
 
     # ------------------------------------------------------------------ one forward pass
     @contextlib.contextmanager
@@ -236,6 +239,172 @@ class LinearHead:
             else:
                 out += v @ e.T
         return out
+
+    # ------------------------------------------------------------------ many thetas
+    # When the model's output is the layer's output up to views (no computation after the
+    # layer), the loss is a function of ``s`` alone and ``s`` for many thetas is one matrix
+    # product: problems with their own theta run together (``EditedProblems``).
+    def direct_output_check(self, theta: torch.Tensor, x: torch.Tensor) -> str:
+        """``""`` when the model's output is the layer's output ``s`` reshaped (only view
+        operations after the layer, found on the autograd graph), else why not."""
+        with self._at_layer_output() as seen, torch.enable_grad():
+            out = self.objective.outputs(theta.detach(), x)
+            try:
+                _, s = self._captured(seen)
+            except ValueError as exc:
+                return str(exc)
+        if not isinstance(out, torch.Tensor) or out.shape[:1] != s.shape[:1]:
+            return "the model's output is not one tensor with a row per example"
+        if out.numel() != s.numel():
+            return "the model's output has another size than the layer's output"
+        node = out.grad_fn
+        while node is not None and type(node).__name__ != "AccumulateGrad":
+            kind = type(node).__name__
+            if not any(v in kind for v in ("View", "Squeeze", "Select", "Reshape", "Alias")):
+                return f"the model computes after the layer ({kind})"
+            nxt = [f for f, _ in node.next_functions if f is not None]
+            if len(nxt) != 1:
+                return f"the model computes after the layer ({kind})"
+            node = nxt[0]
+        if (out is not s) if node is None else (node.variable is not s):
+            return "the model's output does not come from the layer's output"
+        self.output_shape = tuple(out.shape[1:])
+        return ""
+
+    def layer_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``phi [B, d]``: the layer's inputs for ``x`` (they do not depend on theta)."""
+        with self._at_layer_output() as seen, torch.no_grad():
+            self.objective.outputs(self.objective.theta.detach(), x)
+            return self._captured(seen)[0]
+
+    def _split(self, thetas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W [K, C, d], b [K, C] or None)`` of each row of ``thetas [K, p]``."""
+        w = b = None
+        for kind, sl in self.parts:
+            if kind == "weight":
+                w = thetas[:, sl].reshape(thetas.shape[0], self.out_features, self.in_features)
+            else:
+                b = thetas[:, sl]
+        if w is None:
+            w = thetas.new_zeros(thetas.shape[0], self.out_features, self.in_features)
+        return w, b
+
+    def _join(self, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``[K, p]`` in theta's order from weight parts ``[K, C, d]`` and bias parts ``[K, C]``."""
+        return torch.cat(
+            [w.reshape(w.shape[0], -1) if kind == "weight" else b for kind, _ in self.parts], 1
+        )
+
+    def _value_fn(self, which: str) -> Any:
+        obj = self.objective
+        return obj.measurement if which != "loss" and obj.measurement is not None else obj.loss_fn
+
+    def _derivatives(
+        self, s: torch.Tensor, y: torch.Tensor, which: str, order: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(values [R], e [R, C], Lambda [R, C, C])`` of the loss in the outputs ``s [R, C]``
+        (``order`` 0: values only; 1: and ``e``; 2: and ``Lambda``)."""
+        fn = self._value_fn(which)
+        shape = (s.shape[0], *self.output_shape)
+        if order == 0:
+            return fn(s.reshape(shape), y).detach(), None, None
+        leaf = s.detach().requires_grad_(True)
+        lam = None
+        with torch.enable_grad():
+            vals = fn(leaf.reshape(shape), y)
+            (e,) = torch.autograd.grad(vals.sum(), leaf, create_graph=order == 2, allow_unused=True)
+            if order == 2:  # examples are independent: d(sum_i e_i[c])/ds is row c of each Lambda_i
+                rows = [
+                    torch.autograd.grad(e[:, c].sum(), leaf, retain_graph=True, allow_unused=True)[
+                        0
+                    ]
+                    if e is not None and e.requires_grad
+                    else None
+                    for c in range(s.shape[1])
+                ]
+                lam = torch.stack([torch.zeros_like(s) if r is None else r for r in rows], 1)
+        e = torch.zeros_like(s) if e is None else e.detach()
+        return vals.detach(), e, None if lam is None else lam.detach()
+
+    def outputs_at(self, thetas: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """``[R, *output]``: the model's output for layer inputs ``phi [R, d]``, row ``r`` at
+        ``thetas[r]`` (the output is the layer's, :meth:`direct_output_check`)."""
+        w, b = self._split(thetas)
+        s = torch.einsum("rcd,rd->rc", w, phi) + (0 if b is None else b)
+        return s.reshape(s.shape[0], *self.output_shape)
+
+    def paired(
+        self,
+        thetas: torch.Tensor,
+        phi: torch.Tensor,
+        y: torch.Tensor,
+        which: str = "loss",
+        order: int = 1,
+        vecs: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Example ``r`` (layer input ``phi [R, d]``) at its own ``thetas[r]``: ``(values [R],
+        grads [R, p])`` (``order`` 1), or ``(values, Hess l_r(theta_r) vecs[r] [R, p])``
+        (``order`` 2), or ``(values, None)`` (``order`` 0)."""
+        s = self.outputs_at(thetas, phi).reshape(thetas.shape[0], -1)
+        vals, e, lam = self._derivatives(s, y, which, order)
+        if order == 0:
+            return vals, None
+        if order == 2:
+            vw, vb = self._split(vecs)
+            u = torch.einsum("rcd,rd->rc", vw, phi) + (0 if vb is None else vb)
+            e = torch.einsum("rab,rb->ra", lam, u)
+        return vals, self._join(e[:, :, None] * phi[:, None, :], e)
+
+    def _outputs_many(self, thetas: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """``[K, B, C]``: ``W_t phi_i + b_t``, one ``[B, d] x [d, K C]`` product."""
+        k, c, n = thetas.shape[0], self.out_features, phi.shape[0]
+        w, b = self._split(thetas)
+        z = (w.reshape(k * c, -1) @ phi.T).view(k, c, n).transpose(1, 2)
+        return z if b is None else z + b[:, None, :]
+
+    def _back_many(self, e: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """``[K, p]``: ``sum_i e_ti phi_i^T`` and ``sum_i e_ti`` from ``e [K, B, C]``."""
+        k, n, c = e.shape
+        gw = (e.transpose(1, 2).reshape(k * c, n) @ phi).view(k, c, -1)
+        return self._join(gw, e.sum(1))
+
+    def summed(
+        self,
+        thetas: torch.Tensor,
+        phi: torch.Tensor,
+        y: torch.Tensor,
+        which: str = "loss",
+        order: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every example of ``phi [B, d]`` at each row of ``thetas [K, p]``: ``(sum_i l_i [K],
+        sum_i grad l_i [K, p])`` (``order`` 1) or ``(sums, None)`` (``order`` 0). One
+        ``[B, d] x [d, K C]`` product per pass (compute-bound, not one pass per theta)."""
+        k, n = thetas.shape[0], phi.shape[0]
+        s = self._outputs_many(thetas, phi).reshape(k * n, -1)
+        vals, e, _ = self._derivatives(s, self._repeat(y, k), which, order)
+        sums = vals.view(k, n).sum(1)
+        return sums, None if order == 0 else self._back_many(e.view(k, n, -1), phi)
+
+    def output_curvature_many(
+        self, thetas: torch.Tensor, phi: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """``[K, B, C, C]``: ``Lambda_i`` at each theta (the factors of :meth:`product_many`)."""
+        k, n = thetas.shape[0], phi.shape[0]
+        s = self._outputs_many(thetas, phi).reshape(k * n, -1)
+        lam = self._derivatives(s, self._repeat(y, k), "loss", 2)[2]
+        return lam.view(k, n, *lam.shape[1:])
+
+    def product_many(
+        self, vecs: torch.Tensor, lam: torch.Tensor, phi: torch.Tensor
+    ) -> torch.Tensor:
+        """``[K, p]``: ``sum_i J_i^T Lambda_ti J_i v_t`` (the Hessian of ``sum_i l_i`` at
+        theta_t along ``v_t``) from :meth:`output_curvature_many`."""
+        u = self._outputs_many(vecs, phi)  # J_i v_t: the outputs are linear in theta
+        return self._back_many(torch.einsum("knab,knb->kna", lam, u), phi)
+
+    @staticmethod
+    def _repeat(y: torch.Tensor, k: int) -> torch.Tensor:
+        return y.expand(k, *y.shape).reshape(k * y.shape[0], *y.shape[1:])
 
 
 def find_linear_head(objective: Any) -> tuple[LinearHead | None, str]:

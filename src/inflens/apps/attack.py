@@ -4,20 +4,21 @@ A few training *inputs* are changed imperceptibly so that, after retraining, cho
 test points are mispredicted. The direction is the input influence (eq. 5),
 ``I_pert,loss(z_i, z_T) = -grad_theta L(z_T)^T H^-1 grad_x grad_theta L(z_i)``: moving ``x_i``
 by ``delta`` changes the target loss by about ``I_pert,loss . delta / n``. The attack is one
-loop over three parts (docs/usecases/attack.md):
+loop over three parts (docs/usecases/attack.md), for ``K`` independent attacks at once (each
+attack is a problem of :class:`~inflens.edited_problems.EditedProblems`: the training set
+with its poisoned rows replaced, at its own theta):
 
-- the **influence query**: ``s_test = H^-1 grad_theta mean_{j in T} L(z_j)`` from an
-  :class:`~inflens.Influence` fitted at the current theta on the current (poisoned) data, and
-  ``g_i = grad_x (s_test . grad_theta loss(z_i)) = -I_pert,loss`` for every poisoned ``i``;
+- the **influence query**: ``s_test = H^-1 grad_theta mean_{j in T} L(z_j)`` at each attack's
+  theta and data (batched CG preconditioned by the exact inverse Hessian at the clean
+  optimum, to relative residual 1e-10; or an :class:`~inflens.Influence` per attack with the
+  caller's solver), then ``g_i = grad_x (s_test . grad_theta loss(z_i)) = -I_pert,loss``;
 - the **box**: ``x_i <- Proj_i(x_i - step * sign(g_i))`` onto a :class:`PixelBox`;
-- the **refit strategy**: theta refitted exactly, warm-started (``"newton"``:
-  :func:`inflens.train.fit_newton`, ``"lbfgs"`` or a callable).
+- the **refit strategy**: theta refitted exactly, warm-started (``"newton"``: chord and Newton
+  steps of all attacks together, ``"lbfgs"`` or a callable, one attack at a time).
 
 Training points are ranked by ``||I_pert,loss(z_i, z_T)||_1`` (the first-order increase of
 the target loss under a unit L-infinity step). For an :class:`inflens.features.FeatureModel`
 whose ``top`` holds theta, features are cached and queries and refits run on them in float64.
-Solves default to CG preconditioned by the exact inverse Hessian at the clean optimum, to a
-relative residual of 1e-10 (the exact solution to round-off, for a few products per step).
 
 Example:
     >>> atk = TrainingSetAttack(Objective(model, "binary_logistic", params="top."), (x, y))
@@ -37,12 +38,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import InputError, SolverDivergedError
-from ..features import FeatureModel, extract_features
+from ..edited_problems import EditedProblems
+from ..errors import InputError
+from ..features import FeatureModel, extract_features, pull_back
 from ..influence import Influence
 from ..objective import Objective
-from ..solvers import CG, Exact, Solver
-from ..train import LBFGSConfig, fit_lbfgs, fit_newton
+from ..solvers import Exact, Solver
+from ..train import LBFGSConfig, fit_lbfgs
 from .attack_types import AttackConfig, AttackResult, Pair, PixelBox, TargetState, eight_bit_level
 from .labels import as_classes, outputs_to_labels, probability_of_label
 
@@ -61,19 +63,6 @@ PAPER_SCHEDULE: tuple[tuple[int, ...], ...] = ((0,), (1,), (0, 1), (0, 1, 2), (0
 PAPER_SCHEDULE += (tuple(range(10)),)
 _CG_TOL = 1e-10  # relative residual of the CG solves (s_test and Newton directions)
 _PRECONDITION_MAX_P = 4096  # largest theta whose exact inverse Hessian preconditions solves
-
-
-class _FixedInverse(Solver):
-    """``rhs @ M`` for a fixed ``M ~ H^-1``: a CG preconditioner that ``fit`` does not refit."""
-
-    name = "fixed_inverse"
-
-    def __init__(self, inverse: torch.Tensor) -> None:
-        super().__init__()
-        self.inverse = inverse
-
-    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        return rhs @ self.inverse.to(rhs.dtype)
 
 
 class TrainingSetAttack:
@@ -130,91 +119,106 @@ class TrainingSetAttack:
         if self._obj.p <= _PRECONDITION_MAX_P and (cfg.solver is None or self.retrain == "newton"):
             exact = self._influence(theta, self.f, Exact(method="cholesky"), 0.0).solver
             self._pre = exact.dense_inverse()
-        self.theta0 = self._refit(theta, self.f) if cfg.refit_start else theta
+        if cfg.refit_start:
+            theta = self._refit(self._clean(1), theta[None], torch.zeros(1).long(), self._f)[0]
+        self.theta0 = theta
 
     # ------------------------------------------------------------ query and refit
     def _influence(
-        self, theta: torch.Tensor, f: torch.Tensor, solver: str | Solver | None, damping: float
+        self, theta: torch.Tensor, f: torch.Tensor, solver: str | Solver, damping: float
     ) -> Influence:
-        """An :class:`Influence` on ``(f, y)`` fitted at ``theta`` (default: CG, ``_pre``)."""
+        """An :class:`Influence` on ``(f, y)`` fitted at ``theta``."""
         self._obj.load_into_model(theta)
         self.stats["influence_fits"] += 1
-        if solver is None:  # a wrapper per fit: Influence.fit canonicalises what a solver holds
-            pre = None if self._pre is None else _FixedInverse(self._pre)
-            solver = CG(tol=_CG_TOL, preconditioner=pre)
         inf = Influence(self._obj, (f, self.y), solver=solver, damping=damping, progress=False)
         return inf.fit()
 
-    def _s_test(
-        self, theta: torch.Tensor, f: torch.Tensor, targets: Pair, mean: bool = True
-    ) -> torch.Tensor:
-        # a fresh solver per query: fitting a solver binds it to one curvature
-        solver, damping = copy.deepcopy(self.config.solver), float(self.config.damping)
-        return self._influence(theta, f, solver, damping).s_test(targets, mean=mean)
+    def _clean(self, m: int) -> EditedProblems:
+        """``m`` copies of the clean problem (row 0 "replaced" by itself)."""
+        return EditedProblems(self._obj, (self.f, self.y), torch.zeros(m, 1, dtype=torch.long))
 
-    def _refit(self, theta0: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """Theta refitted exactly on ``(f, y)``, warm-started at ``theta0``."""
-        self.stats["refits"] += 1
+    def _query(
+        self,
+        problems: EditedProblems,
+        thetas: torch.Tensor,
+        which: torch.Tensor,
+        targets: list[Pair],
+        poisoned,
+        x0: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``s_t = (H_t + damping I)^-1 grad_theta mean_{j in T_t} L(z_j; theta_t)`` ``[a, p]``
+        for every problem ``which[t]`` at its theta and poisoned data (the influence query)."""
+        cfg = self.config
+        if cfg.solver is not None:  # the caller's solver: one Influence (and solver) each
+            return torch.cat(
+                [
+                    self._influence(
+                        th, poisoned(int(t)), copy.deepcopy(cfg.solver), cfg.damping
+                    ).s_test(targets[int(t)], mean=True)
+                    for th, t in zip(thetas, which)
+                ]
+            )
+        g = problems.target_gradients(thetas, [targets[int(t)] for t in which])
+        return problems.solve(g, thetas, which, float(cfg.damping), self._pre, _CG_TOL, x0)
+
+    def _refit(
+        self, problems: EditedProblems, thetas: torch.Tensor, which: torch.Tensor, poisoned=None
+    ) -> torch.Tensor:
+        """Every problem ``which[t]`` refitted exactly, warm-started at ``thetas[t]``."""
+        self.stats["refits"] += len(which)
         obj, y, tol = self._obj, self.y, float(self.config.tol)
-        if callable(self.retrain):
-            obj.load_into_model(theta0)
-            return self.retrain(obj, (f, y), theta0.clone()).detach().to(obj.dtype)
-        if self.retrain == "lbfgs":
-            return fit_lbfgs(obj, (f, y), theta0, config=LBFGSConfig(tol, 1000)).theta
-        fit = fit_newton(
-            obj,
-            (f, y),
-            None if self._pre is None else (lambda g: g @ self._pre),
-            theta0,
-            tol=tol,
-            solve=lambda th, g: self._influence(th, f, None, 0.0).solver.solve(g[None])[0],
-        )
+        if self.retrain != "newton":
+            out = []
+            for th, t in zip(thetas, which):
+                f = poisoned(int(t))
+                if callable(self.retrain):
+                    obj.load_into_model(th)
+                    out.append(self.retrain(obj, (f, y), th.clone()).detach().to(obj.dtype))
+                else:
+                    out.append(fit_lbfgs(obj, (f, y), th, config=LBFGSConfig(tol, 1000)).theta)
+            return torch.stack(out)
+        fit = problems.refit(thetas, which, tol, self._pre, _CG_TOL)
         self.stats["chord_steps"] += fit.info.extra["chord_steps"]
         self.stats["newton_steps"] += fit.info.extra["newton_steps"]
-        if fit.info.grad_norm > max(tol, 1e-6):
-            raise SolverDivergedError(
-                f"the Newton refit stopped at gradient norm {fit.info.grad_norm:.2e}; the top "
-                "layer may not be strongly convex: use l2 > 0, retrain='lbfgs' or a callable"
-            )
-        return fit.theta
+        return fit.theta.detach()
 
     # ------------------------------------------------------------------ helpers
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return extract_features(self.extractor, x, self.config.chunk_size).double()
+
+    def _f(self, t: int) -> torch.Tensor:  # the clean training inputs of any problem
+        return self.f
 
     def _target_inputs(self, targets: Pair) -> Pair:
         x_t = targets[0].to(self.x.dtype)
         return (self._features(x_t) if self.fast else x_t), targets[1]
 
     def _pixel_grads(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``[m, B, *x]``: ``J(x_b)^T u[t, b]`` through the frozen extractor for ``u [m, B, d]``
-        (``u`` itself without one), one backward pass per ``t`` and chunk of images."""
-        if not self.fast:
-            return u
-        size, parts = self.config.chunk_size, []
-        for xc, uc in zip(x.split(size), u.split(size, dim=1)):
-            xb = xc.detach().requires_grad_(True)
-            with torch.enable_grad():
-                fb = self.extractor(xb)
-                grads = [
-                    torch.autograd.grad(fb, xb, v.to(fb.dtype), retain_graph=True)[0] for v in uc
-                ]
-            parts.append(torch.stack(grads))
-        return torch.cat(parts, 1)
+        """``[m, B, *x]``: ``J(x_b)^T u[t, b]`` through the frozen extractor (``u`` without)."""
+        return pull_back(self.extractor, x, u, self.config.chunk_size) if self.fast else u
 
-    def _state(self, theta: torch.Tensor, targets: Pair) -> TargetState:
-        """``(flipped [m], mean target loss, p(true label) [m])`` at ``theta``."""
-        ft, yt = targets
-        with torch.no_grad():
-            out = self._obj.outputs(theta, ft)
-            loss = float(self._obj.measurements(theta, ft, yt).mean())
+    def _states(self, thetas: torch.Tensor, targets: list[Pair]) -> list[TargetState]:
+        """``(flipped [m], mean target loss, p(true label) [m])`` of each attack's targets
+        ``targets[t]`` at its ``thetas[t]``."""
+        sizes = [int(t[1].shape[0]) for t in targets]
+        be = self._obj.select_backend(targets[0][0][:1], targets[0][1][:1])
+        x = be.many_inputs(torch.cat([t[0] for t in targets]))
+        y = torch.cat([t[1] for t in targets])
+        th = thetas.repeat_interleave(torch.tensor(sizes), 0)
+        with self._obj.evaluating(), torch.no_grad():
+            out = be.outputs_at(th, x)
+            loss = be.values_at(th, x, y, "measurement")
         pred = outputs_to_labels(out, self._loss_name)
-        return pred != as_classes(yt), loss, probability_of_label(out, yt).detach()
+        flipped, p_true = pred != as_classes(y), probability_of_label(out, y).detach()
+        return [
+            (f, float(v.mean()), p)
+            for f, v, p in zip(flipped.split(sizes), loss.split(sizes), p_true.split(sizes))
+        ]
 
     def describe(self) -> dict[str, Any]:
         """How the attack computes (solver, refit, feature cache) and what it did so far."""
         s = self.config.solver
-        pre = "cg preconditioned by the clean exact inverse"
+        pre = "cg over all attacks at once, preconditioned by the clean exact inverse"
         return {
             "query_solver": pre if s is None else getattr(s, "name", str(s)),
             "retrain": self.retrain if isinstance(self.retrain, str) else "callable",
@@ -231,7 +235,8 @@ class TrainingSetAttack:
         T)||_1`` at the original theta (``T``: the targets' mean loss), and those norms."""
         th, everyone = self.theta0, torch.arange(self.x.shape[0])
         cand = torch.as_tensor(everyone if candidates is None else candidates).long().reshape(-1)
-        s = self._s_test(th, self.f, self._target_inputs(targets))[0]
+        tgt = [self._target_inputs(targets)]
+        s = self._query(self._clean(1), th[None], torch.zeros(1).long(), tgt, self._f)[0]
         parts = []
         for c in cand.split(self.config.chunk_size):
             # g_i = grad_x (s . grad_theta loss(z_i)) = -I_pert,loss
@@ -259,8 +264,9 @@ class TrainingSetAttack:
         if not self.fast or strategy == "per_target" or (strategy == "auto" and m <= d // 2):
             rows = [self.rank((x_t[j : j + 1], y_t[j : j + 1])) for j in range(m)]
             return torch.stack([r[0][:top] for r in rows]), torch.stack([r[1][:top] for r in rows])
-        th = self.theta0
-        s_all = self._s_test(th, self.f, self._target_inputs(targets), mean=False)
+        th, (ft, yt) = self.theta0, self._target_inputs(targets)
+        tgt = [(ft[j : j + 1], yt[j : j + 1]) for j in range(m)]  # one problem per target
+        s_all = self._query(self._clean(m), th.expand(m, -1), torch.arange(m), tgt, self._f)
         best_v = torch.full((m, top), -math.inf, dtype=torch.float64)
         best_i = torch.zeros((m, top), dtype=torch.long)
         for ids in tqdm(torch.arange(n).split(16), desc="Ranking", disable=not self.progress):
@@ -331,45 +337,55 @@ class TrainingSetAttack:
     ) -> list[AttackResult]:
         """The loop (PROTOCOL 4.6) for ``K`` attacks: attack ``t`` poisons ``P[t]`` against
         ``targets[t]``; each :class:`AttackResult` holds its attack's current state."""
-        if P.numel() == 0 or P.shape[-1] == 0:
-            raise InputError("indices is empty: choose at least one training point to poison")
-        if int(P.min()) < 0 or int(P.max()) >= self.x.shape[0]:
-            raise InputError(f"indices must lie in [0, {self.x.shape[0] - 1}]")
-        if bool((P.sort(-1).values.diff(dim=-1) == 0).any()):
-            raise InputError("indices contains repeats (a row of indices must be distinct)")
         t_start = time.perf_counter()
+        problems = EditedProblems(self._obj, (self.f, self.y), P)  # checks the indices
         alpha = self.step if step is None else float(step)
         box = self.box if box is None else box
         (K, k), shape = P.shape, self.x.shape[1:]
-        tgt = [self._target_inputs(t) for t in targets]
+        sizes = [int(t[1].shape[0]) for t in targets]  # the targets' features in one batch
+        xt, yt = self._target_inputs(
+            (torch.cat([t[0] for t in targets]), torch.cat([t[1] for t in targets]))
+        )
+        tgt = list(zip(xt.split(sizes), yt.split(sizes)))
         x0, fp = self.x[P.reshape(-1)].reshape(K, k, *shape).clone(), self.f[P].clone()
         th0 = self.theta0.detach()
-        res = [AttackResult.start(P[t], x0[t], th0, self._state(th0, tgt[t])) for t in range(K)]
+        start = self._states(th0.expand(K, -1), tgt)
+        res = [AttackResult.start(P[t], x0[t], th0, start[t]) for t in range(K)]
+        thetas, s_prev = th0.expand(K, -1).clone(), torch.zeros(K, th0.shape[0], dtype=th0.dtype)
 
         def poisoned(t: int) -> torch.Tensor:  # the training inputs of attack t (a copy)
             return self.f.index_put((P[t],), fp[t])
 
         bar = tqdm(range(iterations), desc="Attack", disable=not self.progress, leave=False)
         for _ in bar:
-            live = [t for t in range(K) if not (early_stop and res[t].success)]
-            if not live:
+            live = torch.tensor([t for t in range(K) if not (early_stop and res[t].success)])
+            if live.numel() == 0:
                 break
             # 1-2. the influence query at each attack's retrained theta and poisoned data
-            u = []
-            for t in live:
-                st = self._s_test(res[t].theta, poisoned(t), tgt[t])[0]
-                u.append(self._obj.input_grad_of_loss_jvp(st, fp[t], self.y[P[t]], res[t].theta))
-            xl = torch.stack([res[t].x_poisoned for t in live])
-            g = self._pixel_grads(torch.cat(u)[None], xl.reshape(-1, *shape))[0]
+            th = thetas[live]  # the query warm-starts from the previous step's s_test
+            s_prev[live] = self._query(problems, th, live, tgt, poisoned, s_prev[live])
+            s = s_prev[live].repeat_interleave(k, 0)
+            yp = self.y[P[live]].reshape(-1, *self.y.shape[1:])
+            with self._obj.evaluating():
+                u = problems.backend.input_grads_at(
+                    s,
+                    th.repeat_interleave(k, 0),
+                    fp[live].reshape(len(live) * k, *fp.shape[2:]),
+                    yp,
+                )
+            xl = torch.stack([res[t].x_poisoned for t in live.tolist()])
+            g = self._pixel_grads(u[None], xl.reshape(-1, *shape))[0]
             # 3. signed steps along sign(I_pert,loss) = -sign(g), all attacks in one batch
             xa = box.project(xl - alpha * torch.sign(g).reshape(xl.shape), x0[live])
             # 4. the poisoned inputs' features
             xs = xa.reshape(-1, *shape)
             fp[live] = self._features(xs).reshape(len(live), k, -1) if self.fast else xa
-            # 5. exact refits, warm-started
-            for j, t in enumerate(live):
-                theta = self._refit(res[t].theta, poisoned(t)).detach().clone()
-                res[t].record(xa[j], theta, self._state(theta, tgt[t]))
+            problems.replace(live, fp[live])
+            # 5. exact refits, warm-started, all attacks together
+            thetas[live] = self._refit(problems, th, live, poisoned)
+            states = self._states(thetas[live], [tgt[t] for t in live.tolist()])
+            for j, t in enumerate(live.tolist()):
+                res[t].record(xa[j], thetas[t].clone(), states[j])
         bar.close()
         share = (time.perf_counter() - t_start) / K
         for t, r in enumerate(res):
