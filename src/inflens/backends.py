@@ -531,6 +531,20 @@ class JacobianBackend(DerivativesBackend):
         return jac.reshape(b, -1, jac.shape[-1]), out
 
 
+def _closed_form_if_direct(name: str) -> Callable:
+    """:class:`LinearHeadBackend`'s ``name``: the head's closed form when the model's output
+    is the layer's (``head.output_shape``), else the inherited ``vmap`` over thetas."""
+
+    def method(self: LinearHeadBackend, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.head.output_shape is None:
+            return getattr(super(LinearHeadBackend, self), name)(*args, **kwargs)
+        return getattr(self.head, name)(*args, **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = getattr(DerivativesBackend, name).__doc__
+    return method
+
+
 class LinearHeadBackend(VmapBackend):
     """Closed forms for theta = one ``nn.Linear`` on frozen features (module docstring).
 
@@ -614,53 +628,13 @@ class LinearHeadBackend(VmapBackend):
     # (``head.output_shape``, checked at selection; ``x`` is then the layer's inputs from
     # :meth:`many_inputs`), vmap over thetas otherwise. Not for use under torch.func
     # transforms (the closed forms run autograd).
-    def outputs_at(self, thetas: torch.Tensor, x: Batch) -> torch.Tensor:
-        if self.head.output_shape is None:
-            return super().outputs_at(thetas, x)
-        return self.head.outputs_at(thetas, x)
-
-    def values_at(
-        self, thetas: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
-    ) -> torch.Tensor:
-        if self.head.output_shape is None:
-            return super().values_at(thetas, x, y, which)
-        return self.head.paired(thetas, x, y, which, order=0)[0]
-
-    def grads_at(
-        self, thetas: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
-    ) -> torch.Tensor:
-        if self.head.output_shape is None:
-            return super().grads_at(thetas, x, y, which)
-        return self.head.paired(thetas, x, y, which, order=1)[1]
-
-    def hvps_at(
-        self, vecs: torch.Tensor, thetas: torch.Tensor, x: Batch, y: torch.Tensor
-    ) -> torch.Tensor:
-        if self.head.output_shape is None:
-            return super().hvps_at(vecs, thetas, x, y)
-        return self.head.paired(thetas, x, y, "loss", order=2, vecs=vecs)[1]
-
-    def value_sums(
-        self, thetas: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
-    ) -> torch.Tensor:
-        if self.head.output_shape is None:
-            return super().value_sums(thetas, x, y, which)
-        return self.head.summed(thetas, x, y, which, order=0)[0]
-
-    def grad_sums(
-        self, thetas: torch.Tensor, x: Batch, y: torch.Tensor, which: str = "loss"
-    ) -> torch.Tensor:
-        if self.head.output_shape is None:
-            return super().grad_sums(thetas, x, y, which)
-        return self.head.summed(thetas, x, y, which, order=1)[1]
-
-    def hvp_sums(
-        self, vecs: torch.Tensor, thetas: torch.Tensor, x: Batch, y: torch.Tensor
-    ) -> torch.Tensor:
-        if self.head.output_shape is None:
-            return super().hvp_sums(vecs, thetas, x, y)
-        phi = x
-        return self.head.product_many(vecs, self.head.output_curvature_many(thetas, phi, y), phi)
+    outputs_at = _closed_form_if_direct("outputs_at")
+    values_at = _closed_form_if_direct("values_at")
+    grads_at = _closed_form_if_direct("grads_at")
+    hvps_at = _closed_form_if_direct("hvps_at")
+    value_sums = _closed_form_if_direct("value_sums")
+    grad_sums = _closed_form_if_direct("grad_sums")
+    hvp_sums = _closed_form_if_direct("hvp_sums")
 
     def hvp_sums_factors(self, thetas: torch.Tensor, x: Batch, y: torch.Tensor) -> Any | None:
         if self.head.output_shape is None:

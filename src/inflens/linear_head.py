@@ -326,6 +326,9 @@ class LinearHead:
         e = torch.zeros_like(s) if e is None else e.detach()
         return vals.detach(), e, None if lam is None else lam.detach()
 
+    # The many-theta methods of the derivatives backend, in closed form (``x`` = ``phi``, the
+    # layer's inputs): "at" methods take one theta per example, "sums" methods sum the batch at
+    # each of K thetas with one [B, d] x [d, K C] product (compute-bound, not a pass per theta).
     def outputs_at(self, thetas: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """``[R, *output]``: the model's output for layer inputs ``phi [R, d]``, row ``r`` at
         ``thetas[r]`` (the output is the layer's, :meth:`direct_output_check`)."""
@@ -333,27 +336,31 @@ class LinearHead:
         s = torch.einsum("rcd,rd->rc", w, phi) + (0 if b is None else b)
         return s.reshape(s.shape[0], *self.output_shape)
 
-    def paired(
-        self,
-        thetas: torch.Tensor,
-        phi: torch.Tensor,
-        y: torch.Tensor,
-        which: str = "loss",
-        order: int = 1,
-        vecs: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Example ``r`` (layer input ``phi [R, d]``) at its own ``thetas[r]``: ``(values [R],
-        grads [R, p])`` (``order`` 1), or ``(values, Hess l_r(theta_r) vecs[r] [R, p])``
-        (``order`` 2), or ``(values, None)`` (``order`` 0)."""
-        s = self.outputs_at(thetas, phi).reshape(thetas.shape[0], -1)
-        vals, e, lam = self._derivatives(s, y, which, order)
-        if order == 0:
-            return vals, None
-        if order == 2:
-            vw, vb = self._split(vecs)
-            u = torch.einsum("rcd,rd->rc", vw, phi) + (0 if vb is None else vb)
-            e = torch.einsum("rab,rb->ra", lam, u)
-        return vals, self._join(e[:, :, None] * phi[:, None, :], e)
+    def _at(self, thetas: torch.Tensor, phi: torch.Tensor, y: torch.Tensor, which: str, order: int):
+        return self._derivatives(
+            self.outputs_at(thetas, phi).reshape(len(phi), -1), y, which, order
+        )
+
+    def values_at(
+        self, thetas: torch.Tensor, phi: torch.Tensor, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        """``[R]``: ``l(z_r; theta_r)``."""
+        return self._at(thetas, phi, y, which, 0)[0]
+
+    def grads_at(
+        self, thetas: torch.Tensor, phi: torch.Tensor, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        """``[R, p]``: ``e_r phi_r^T`` and ``e_r`` at ``theta_r``."""
+        e = self._at(thetas, phi, y, which, 1)[1]
+        return self._join(e[:, :, None] * phi[:, None, :], e)
+
+    def hvps_at(
+        self, vecs: torch.Tensor, thetas: torch.Tensor, phi: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """``[R, p]``: ``J_r^T Lambda_r J_r v_r`` at ``theta_r`` (``J_r v_r = V_W phi_r + v_b``)."""
+        lam = self._at(thetas, phi, y, "loss", 2)[2]
+        w = torch.einsum("rab,rb->ra", lam, self.outputs_at(vecs, phi).reshape(len(phi), -1))
+        return self._join(w[:, :, None] * phi[:, None, :], w)
 
     def _outputs_many(self, thetas: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """``[K, B, C]``: ``W_t phi_i + b_t``, one ``[B, d] x [d, K C]`` product."""
@@ -368,31 +375,42 @@ class LinearHead:
         gw = (e.transpose(1, 2).reshape(k * c, n) @ phi).view(k, c, -1)
         return self._join(gw, e.sum(1))
 
-    def summed(
-        self,
-        thetas: torch.Tensor,
-        phi: torch.Tensor,
-        y: torch.Tensor,
-        which: str = "loss",
-        order: int = 1,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Every example of ``phi [B, d]`` at each row of ``thetas [K, p]``: ``(sum_i l_i [K],
-        sum_i grad l_i [K, p])`` (``order`` 1) or ``(sums, None)`` (``order`` 0). One
-        ``[B, d] x [d, K C]`` product per pass (compute-bound, not one pass per theta)."""
+    def _many(
+        self, thetas: torch.Tensor, phi: torch.Tensor, y: torch.Tensor, which: str, order: int
+    ):
         k, n = thetas.shape[0], phi.shape[0]
         s = self._outputs_many(thetas, phi).reshape(k * n, -1)
-        vals, e, _ = self._derivatives(s, self._repeat(y, k), which, order)
-        sums = vals.view(k, n).sum(1)
-        return sums, None if order == 0 else self._back_many(e.view(k, n, -1), phi)
+        yy = y.expand(k, *y.shape).reshape(k * n, *y.shape[1:])
+        vals, e, lam = self._derivatives(s, yy, which, order)
+        return (
+            vals.view(k, n),
+            None if e is None else e.view(k, n, -1),
+            None if lam is None else lam.view(k, n, *lam.shape[1:]),
+        )
+
+    def value_sums(
+        self, thetas: torch.Tensor, phi: torch.Tensor, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        """``[K]``: ``sum_i l(z_i; theta_t)``."""
+        return self._many(thetas, phi, y, which, 0)[0].sum(1)
+
+    def grad_sums(
+        self, thetas: torch.Tensor, phi: torch.Tensor, y: torch.Tensor, which: str = "loss"
+    ) -> torch.Tensor:
+        """``[K, p]``: ``sum_i grad l(z_i; theta_t)``."""
+        return self._back_many(self._many(thetas, phi, y, which, 1)[1], phi)
+
+    def hvp_sums(
+        self, vecs: torch.Tensor, thetas: torch.Tensor, phi: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """``[K, p]``: ``sum_i Hess l(z_i; theta_t) v_t``."""
+        return self.product_many(vecs, self.output_curvature_many(thetas, phi, y), phi)
 
     def output_curvature_many(
         self, thetas: torch.Tensor, phi: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
         """``[K, B, C, C]``: ``Lambda_i`` at each theta (the factors of :meth:`product_many`)."""
-        k, n = thetas.shape[0], phi.shape[0]
-        s = self._outputs_many(thetas, phi).reshape(k * n, -1)
-        lam = self._derivatives(s, self._repeat(y, k), "loss", 2)[2]
-        return lam.view(k, n, *lam.shape[1:])
+        return self._many(thetas, phi, y, "loss", 2)[2]
 
     def product_many(
         self, vecs: torch.Tensor, lam: torch.Tensor, phi: torch.Tensor
@@ -401,10 +419,6 @@ class LinearHead:
         theta_t along ``v_t``) from :meth:`output_curvature_many`."""
         u = self._outputs_many(vecs, phi)  # J_i v_t: the outputs are linear in theta
         return self._back_many(torch.einsum("knab,knb->kna", lam, u), phi)
-
-    @staticmethod
-    def _repeat(y: torch.Tensor, k: int) -> torch.Tensor:
-        return y.expand(k, *y.shape).reshape(k * y.shape[0], *y.shape[1:])
 
 
 def find_linear_head(objective: Any) -> tuple[LinearHead | None, str]:
