@@ -45,8 +45,7 @@ from ..influence import Influence
 from ..objective import Objective
 from ..solvers import Exact, Solver
 from ..train import LBFGSConfig, fit_lbfgs
-from .attack_types import AttackConfig, AttackResult, Pair, PixelBox, TargetState, eight_bit_level
-from .labels import as_classes, outputs_to_labels, probability_of_label
+from .attack_types import AttackConfig, AttackResult, Pair, PixelBox, eight_bit_level, target_states
 
 __all__ = [
     "PAPER_SCHEDULE",
@@ -197,24 +196,6 @@ class TrainingSetAttack:
         """``[m, B, *x]``: ``J(x_b)^T u[t, b]`` through the frozen extractor (``u`` without)."""
         return pull_back(self.extractor, x, u, self.config.chunk_size) if self.fast else u
 
-    def _states(self, thetas: torch.Tensor, targets: list[Pair]) -> list[TargetState]:
-        """``(flipped [m], mean target loss, p(true label) [m])`` of each attack's targets
-        ``targets[t]`` at its ``thetas[t]``."""
-        sizes = [int(t[1].shape[0]) for t in targets]
-        be = self._obj.select_backend(targets[0][0][:1], targets[0][1][:1])
-        x = be.many_inputs(torch.cat([t[0] for t in targets]))
-        y = torch.cat([t[1] for t in targets])
-        th = thetas.repeat_interleave(torch.tensor(sizes), 0)
-        with self._obj.evaluating(), torch.no_grad():
-            out = be.outputs_at(th, x)
-            loss = be.values_at(th, x, y, "measurement")
-        pred = outputs_to_labels(out, self._loss_name)
-        flipped, p_true = pred != as_classes(y), probability_of_label(out, y).detach()
-        return [
-            (f, float(v.mean()), p)
-            for f, v, p in zip(flipped.split(sizes), loss.split(sizes), p_true.split(sizes))
-        ]
-
     def describe(self) -> dict[str, Any]:
         """How the attack computes (solver, refit, feature cache) and what it did so far."""
         s = self.config.solver
@@ -349,7 +330,7 @@ class TrainingSetAttack:
         tgt = list(zip(xt.split(sizes), yt.split(sizes)))
         x0, fp = self.x[P.reshape(-1)].reshape(K, k, *shape).clone(), self.f[P].clone()
         th0 = self.theta0.detach()
-        start = self._states(th0.expand(K, -1), tgt)
+        start = target_states(self._obj, self._loss_name, th0.expand(K, -1), tgt)
         res = [AttackResult.start(P[t], x0[t], th0, start[t]) for t in range(K)]
         thetas, s_prev = th0.expand(K, -1).clone(), torch.zeros(K, th0.shape[0], dtype=th0.dtype)
 
@@ -383,7 +364,9 @@ class TrainingSetAttack:
             problems.replace(live, fp[live])
             # 5. exact refits, warm-started, all attacks together
             thetas[live] = self._refit(problems, th, live, poisoned)
-            states = self._states(thetas[live], [tgt[t] for t in live.tolist()])
+            states = target_states(
+                self._obj, self._loss_name, thetas[live], [tgt[t] for t in live.tolist()]
+            )
             for j, t in enumerate(live.tolist()):
                 res[t].record(xa[j], thetas[t].clone(), states[j])
         bar.close()

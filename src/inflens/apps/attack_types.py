@@ -17,6 +17,7 @@ import torch
 from ..errors import InputError
 from ..objective import Objective
 from ..solvers import Solver
+from .labels import as_classes, outputs_to_labels, probability_of_label
 
 __all__ = [
     "AttackConfig",
@@ -26,12 +27,34 @@ __all__ = [
     "Retrain",
     "TargetState",
     "eight_bit_level",
+    "target_states",
 ]
 
 Retrain = Callable[[Objective, tuple[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor]
 Pair = tuple[torch.Tensor, torch.Tensor]
 #: an attack's targets at one theta: ``(flipped [m], mean target loss, p(true label) [m])``
 TargetState = tuple[torch.Tensor, float, torch.Tensor]
+
+
+def target_states(
+    objective: Objective, loss_name: str | None, thetas: torch.Tensor, targets: list[Pair]
+) -> list[TargetState]:
+    """The :data:`TargetState` of each attack's targets ``targets[t]`` at its ``thetas[t]``
+    (one batch for all: the backend's ``outputs_at`` and ``values_at``)."""
+    sizes = [int(t[1].shape[0]) for t in targets]
+    be = objective.select_backend(targets[0][0][:1], targets[0][1][:1])
+    x = be.many_inputs(torch.cat([t[0] for t in targets]))
+    y = torch.cat([t[1] for t in targets])
+    th = thetas.repeat_interleave(torch.tensor(sizes), 0)
+    with objective.evaluating(), torch.no_grad():
+        out = be.outputs_at(th, x)
+        loss = be.values_at(th, x, y, "measurement")
+    flipped = outputs_to_labels(out, loss_name) != as_classes(y)
+    p_true = probability_of_label(out, y).detach()
+    return [
+        (f, float(v.mean()), p)
+        for f, v, p in zip(flipped.split(sizes), loss.split(sizes), p_true.split(sizes))
+    ]
 
 
 def eight_bit_level(value_range: tuple[float, float] = (-1.0, 1.0)) -> float:
