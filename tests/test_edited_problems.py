@@ -85,6 +85,13 @@ def test_memory_budget_splits_the_pass_without_changing_it(case: Fitted) -> None
     assert torch.allclose(
         tiny.gradient(thetas, which), problems.gradient(thetas, which), rtol=1e-11, atol=1e-13
     )
+    v = torch.ones_like(thetas)
+    assert torch.allclose(
+        tiny.curvature_product(v, thetas, which),
+        problems.curvature_product(v, thetas, which),
+        rtol=1e-11,
+        atol=1e-13,
+    )
 
 
 def test_bad_rows_are_refused() -> None:

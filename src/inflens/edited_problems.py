@@ -113,12 +113,9 @@ class EditedProblems:
     ) -> torch.Tensor:
         """``[a, p]``: ``(Hess R_t(theta_t) + damping I) v_t``."""
         obj, be = self.objective, self.backend
-        k = self.rows.shape[1]
         with obj.evaluating():
             shared = self._shared(lambda th, x, y, v: be.hvp_sums(v, th, x, y), thetas, vecs)
-            corr = self._corrected(
-                lambda th, x, y: be.hvps_at(vecs.repeat_interleave(k, 0), th, x, y), thetas, which
-            )
+            corr = self._corrected(lambda th, x, y, u: be.hvps_at(u, th, x, y), thetas, which, vecs)
         out = (shared + corr) / self.n + obj.regularizer_grad(vecs) + float(damping) * vecs
         return out.detach()
 
@@ -213,7 +210,7 @@ class EditedProblems:
         factors = self._factors(thetas)
         if factors is None:
             return lambda v, r: self.curvature_product(v, thetas[r], which[r], damping)
-        obj, be, k = self.objective, self.backend, self.rows.shape[1]
+        obj, be = self.objective, self.backend
 
         def product(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
             with obj.evaluating():
@@ -221,9 +218,7 @@ class EditedProblems:
                     be.hvp_sums_from(v, f, r, x) for (x, _), f in zip(self._chunks(), factors)
                 )
                 corr = self._corrected(
-                    lambda th, x, y: be.hvps_at(v.repeat_interleave(k, 0), th, x, y),
-                    thetas[r],
-                    which[r],
+                    lambda th, x, y, u: be.hvps_at(u, th, x, y), thetas[r], which[r], v
                 )
             out = (shared + corr) / self.n + obj.regularizer_grad(v) + float(damping) * v
             return out.detach()
@@ -284,13 +279,24 @@ class EditedProblems:
             parts.append(acc)
         return torch.cat(parts)
 
-    def _corrected(self, fn, thetas: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-        """``sum_j [f(x'_tj, y_j; theta_t) - f(z_j; theta_t)]`` over each problem's rows."""
+    def _corrected(
+        self, fn, thetas: torch.Tensor, which: torch.Tensor, vecs: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``sum_j [f(x'_tj, y_j; theta_t) - f(z_j; theta_t)]`` over each problem's rows (with
+        ``vecs``: ``f(..., v_t)``), a block of problems at a time: the per-example terms are
+        ``[block k, p]``, sized to a quarter of the budget."""
         k = self.rows.shape[1]
-        a = thetas.shape[0]
-        th = thetas.repeat_interleave(k, 0)
-        y = self._y_rows[which].reshape(-1, *self.y.shape[1:])
-        new = self._new_px[which].reshape(a * k, *self._new_px.shape[2:])
-        old = self._px[self.rows[which].reshape(-1)]
-        diff = fn(th, new, y) - fn(th, old, y)
-        return diff.reshape(a, k, *diff.shape[1:]).sum(1)
+        a, p = thetas.shape
+        block = max(1, int(self.budget // (6 * k * p * thetas.element_size())))
+        parts = []
+        for s in range(0, a, block):
+            th_b, w = thetas[s : s + block], which[s : s + block]
+            b = th_b.shape[0]
+            th = th_b.repeat_interleave(k, 0)
+            y = self._y_rows[w].reshape(-1, *self.y.shape[1:])
+            new = self._new_px[w].reshape(b * k, *self._new_px.shape[2:])
+            old = self._px[self.rows[w].reshape(-1)]
+            extra = () if vecs is None else (vecs[s : s + block].repeat_interleave(k, 0),)
+            diff = fn(th, new, y, *extra) - fn(th, old, y, *extra)
+            parts.append(diff.reshape(b, k, *diff.shape[1:]).sum(1))
+        return torch.cat(parts)
